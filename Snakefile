@@ -1,0 +1,26 @@
+# spbench: regularised fine-tuning, from data to the paper's tables.
+# The pipeline, in order: prepare tasks -> source networks -> Fisher information ->
+# tracking store -> one fine-tune per grid point -> runs.parquet -> tables and figures.
+# Every key of the config is validated (rules/common.smk) before any job starts.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/source.smk"
+include: "rules/fisher.smk"
+include: "rules/tracking.smk"
+include: "rules/finetune.smk"
+include: "rules/aggregate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

@@ -1,0 +1,21 @@
+# Diagonal Fisher information of each source network on its source data (SPEC §3).
+
+
+rule estimate_fisher:
+    input:
+        unpack(get_source_task_files),
+        model=f"{RESULTS}/sources/{{source}}/model.pt",
+    output:
+        fisher=f"{RESULTS}/sources/{{source}}/fisher.pt",
+    log:
+        "logs/fisher/{source}.log",
+    params:
+        fisher=config["fisher"],
+    threads: config["finetune"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/spbench.yaml"
+    script:
+        "../workflow_scripts/estimate_fisher.py"

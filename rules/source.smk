@@ -1,0 +1,47 @@
+# Source networks: checkpoint (backbone + its own source head) and info.json (source accuracy).
+# One rule per way of obtaining the weights; each source takes the rule named by its
+# `weights` key (the wildcard constraints keep the rules apart).
+
+
+rule pretrain_source:
+    input:
+        unpack(get_source_task_files),
+    output:
+        model=f"{RESULTS}/sources/{{source}}/model.pt",
+        info=f"{RESULTS}/sources/{{source}}/info.json",
+    wildcard_constraints:
+        source=sources_with_weights("pretrain"),
+    log:
+        "logs/source/{source}.log",
+    params:
+        spec=lambda wildcards: config["sources"][wildcards.source],
+    threads: config["finetune"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/spbench.yaml"
+    script:
+        "../workflow_scripts/build_source.py"
+
+
+rule source_from_file:
+    input:
+        unpack(get_source_task_files),
+        weights=lambda wildcards: config["sources"][wildcards.source]["path"],
+    output:
+        model=f"{RESULTS}/sources/{{source}}/model.pt",
+        info=f"{RESULTS}/sources/{{source}}/info.json",
+    wildcard_constraints:
+        source=sources_with_weights("file"),
+    log:
+        "logs/source/{source}.log",
+    params:
+        spec=lambda wildcards: config["sources"][wildcards.source],
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/spbench.yaml"
+    script:
+        "../workflow_scripts/build_source.py"

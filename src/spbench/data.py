@@ -1,0 +1,216 @@
+"""Tasks on disk: a uint8 image cache, a split file and a metadata file.
+
+Every task, the embedded demo's and (later) the real data sets', is prepared once into::
+
+    {data_dir}/{task}/images.npy   uint8 [N, H, W, C], decoded and resized once
+    {data_dir}/{task}/split.parquet  one row per image: index (into images.npy), label, split
+    {data_dir}/{task}/meta.json    classes, image size, channels, per-channel training mean
+
+``split`` is ``train`` or ``test``. Training reads the cache (memory-mapped), scales to
+[0, 1] and subtracts the per-channel mean of the training split (SPEC §4).
+
+Task builders are registered in :data:`TASK_BUILDERS`; each returns a :class:`PreparedTask`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = [
+    "PreparedTask",
+    "TaskData",
+    "TASK_BUILDERS",
+    "register_task_builder",
+    "prepare_task",
+    "load_task",
+    "digits_halves",
+    "digits_source",
+    "digits_mod3",
+]
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class PreparedTask:
+    images: np.ndarray  # uint8 [N, H, W, C]
+    labels: np.ndarray  # int64 [N]
+    split: np.ndarray  # str [N], 'train' or 'test'
+    classes: list[str]
+    extra: dict  # free-form provenance written into meta.json
+
+    def __post_init__(self):
+        n = len(self.images)
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError("images must be uint8 [N, H, W, C]")
+        if len(self.labels) != n or len(self.split) != n:
+            raise ValueError("images, labels and split must have one entry per image")
+        bad = set(np.unique(self.split)) - set(SPLITS)
+        if bad:
+            raise ValueError(f"unknown split names {sorted(bad)}")
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError("labels must lie in [0, number of classes)")
+
+
+TASK_BUILDERS: dict[str, Callable[..., PreparedTask]] = {}
+
+
+def register_task_builder(fn: Callable[..., PreparedTask]) -> Callable[..., PreparedTask]:
+    TASK_BUILDERS[fn.__name__] = fn
+    return fn
+
+
+# -- the embedded demo: scikit-learn's digits (SPEC §8) -------------------------------------------
+
+
+def _digits_images(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits as uint8 [N, size, size, 1] (bilinear upsampling of the 8×8 originals)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(images), digits.target.astype(np.int64)
+
+
+def digits_halves(targets: np.ndarray, seed: int) -> np.ndarray:
+    """Seeded split of the digits into halves A and B, stratified by digit: returns a bool
+    mask, True for half A."""
+    rng = np.random.default_rng(seed)
+    in_a = np.zeros(len(targets), dtype=bool)
+    for digit in np.unique(targets):
+        idx = rng.permutation(np.flatnonzero(targets == digit))
+        in_a[idx[: len(idx) // 2]] = True
+    return in_a
+
+
+def _stratified_pick(labels: np.ndarray, per_class: Sequence[int] | int, rng) -> np.ndarray:
+    chosen = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = per_class if isinstance(per_class, int) else per_class[c]
+        if k > len(idx):
+            raise ValueError(f"class {c} has {len(idx)} images, {k} asked for")
+        chosen.append(idx[:k])
+    return np.sort(np.concatenate(chosen))
+
+
+@register_task_builder
+def digits_source(
+    *, size: int = 16, split_seed: int = 0, digits: Sequence[int] = (0, 1, 2, 3, 4, 5, 6), test_fraction: float = 0.2
+) -> PreparedTask:
+    """Source task: classify ``digits`` on half A, a seeded stratified train/test split."""
+    images, target = _digits_images(size)
+    keep = digits_halves(target, split_seed) & np.isin(target, list(digits))
+    images, target = images[keep], target[keep]
+    labels = np.searchsorted(np.array(sorted(digits)), target)
+    rng = np.random.default_rng(split_seed + 1)
+    per_class = [int(round(test_fraction * np.sum(labels == c))) for c in range(len(digits))]
+    is_test = np.zeros(len(labels), dtype=bool)
+    is_test[_stratified_pick(labels, per_class, rng)] = True
+    return PreparedTask(
+        images=images,
+        labels=labels,
+        split=np.where(is_test, "test", "train"),
+        classes=[str(d) for d in sorted(digits)],
+        extra={"builder": "digits_source", "size": size, "split_seed": split_seed, "half": "A"},
+    )
+
+
+@register_task_builder
+def digits_mod3(*, size: int = 16, split_seed: int = 0, per_class: int = 10) -> PreparedTask:
+    """Target task: a digit's remainder modulo 3, on half B (which holds digits the source
+    never saw); ``per_class`` training images per class, the rest of B is the test set."""
+    images, target = _digits_images(size)
+    keep = ~digits_halves(target, split_seed)
+    images, labels = images[keep], target[keep] % 3
+    rng = np.random.default_rng([split_seed, per_class])
+    is_train = np.zeros(len(labels), dtype=bool)
+    is_train[_stratified_pick(labels, per_class, rng)] = True
+    return PreparedTask(
+        images=images,
+        labels=labels,
+        split=np.where(is_train, "train", "test"),
+        classes=["0 mod 3", "1 mod 3", "2 mod 3"],
+        extra={"builder": "digits_mod3", "size": size, "split_seed": split_seed, "half": "B", "per_class": per_class},
+    )
+
+
+# -- on disk -------------------------------------------------------------------------------------
+
+
+def prepare_task(builder: str, params: dict, out_dir: str | os.PathLike) -> Path:
+    """Build a task and write it to ``out_dir`` atomically (all three files, or none)."""
+    if builder not in TASK_BUILDERS:
+        raise ValueError(f"unknown task builder {builder!r} (known: {sorted(TASK_BUILDERS)})")
+    task = TASK_BUILDERS[builder](**params)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        np.save(tmp / "images.npy", task.images)
+        pd.DataFrame(
+            {"index": np.arange(len(task.labels)), "label": task.labels, "split": task.split}
+        ).to_parquet(tmp / "split.parquet", index=False)
+        train = task.images[task.split == "train"].astype(np.float64) / 255.0
+        meta = {
+            "classes": task.classes,
+            "num_classes": len(task.classes),
+            "image_size": list(task.images.shape[1:3]),
+            "channels": int(task.images.shape[3]),
+            "mean": train.mean(axis=(0, 1, 2)).tolist(),
+            "counts": {s: int(np.sum(task.split == s)) for s in SPLITS},
+            **task.extra,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@dataclass
+class TaskData:
+    """A prepared task, read back: images as float tensors, mean-subtracted."""
+
+    meta: dict
+    x: dict[str, torch.Tensor]  # split -> float32 [n, C, H, W]
+    y: dict[str, torch.Tensor]  # split -> int64 [n]
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta["num_classes"]
+
+    @property
+    def channels(self) -> int:
+        return self.meta["channels"]
+
+
+def load_task(task_dir: str | os.PathLike) -> TaskData:
+    task_dir = Path(task_dir)
+    meta = json.loads((task_dir / "meta.json").read_text())
+    images = np.load(task_dir / "images.npy", mmap_mode="r")
+    split = pd.read_parquet(task_dir / "split.parquet")
+    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    xs, ys = {}, {}
+    for name in SPLITS:
+        rows = split[split["split"] == name]
+        batch = torch.from_numpy(np.ascontiguousarray(images[rows["index"].to_numpy()]))
+        xs[name] = batch.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).contiguous()
+        ys[name] = torch.tensor(rows["label"].to_numpy(dtype=np.int64))
+    return TaskData(meta=meta, x=xs, y=ys)

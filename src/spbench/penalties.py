@@ -1,0 +1,277 @@
+"""Parameter penalties Ω(w) for fine-tuning (paper eqs. 1-4; SPEC §2).
+
+Each penalty acts on two explicit groups of parameters: the inherited tensors S (weighted by
+α) and the new head S̄ (weighted by β). It is applied the way an optimizer applies weight
+decay: after ``loss.backward()``, :meth:`Penalty.add_grad_` adds ∇Ω to each ``.grad`` in
+place, so no autograd graph is built over the weights. :meth:`Penalty.value` computes the
+explicit Ω with autograd support; the tests check that both give the same SGD trajectory.
+
+Reference state (the starting point ``w0`` and the Fisher diagonal ``F``) is registered as
+buffers of the penalty module: ``.to()``, ``state_dict()`` and checkpoints carry it.
+
+Adding a penalty is one subclass decorated with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Penalty",
+    "NoPenalty",
+    "L2",
+    "L2SP",
+    "L2SPFisher",
+    "PENALTIES",
+    "register",
+    "make_penalty",
+]
+
+#: Penalty registry: name -> class.
+PENALTIES: dict[str, type["Penalty"]] = {}
+
+
+def register(cls: type["Penalty"]) -> type["Penalty"]:
+    if cls.name in PENALTIES:
+        raise ValueError(f"penalty {cls.name!r} registered twice")
+    PENALTIES[cls.name] = cls
+    return cls
+
+
+class TensorStore(nn.Module):
+    """Named tensors as buffers (parameter names contain dots, buffer names may not)."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        super().__init__()
+        self.names = list(tensors)
+        for name, t in tensors.items():
+            self.register_buffer(name.replace(".", "__"), t.detach().clone())
+
+    def __getitem__(self, name: str) -> Tensor:
+        return getattr(self, name.replace(".", "__"))
+
+    def values(self) -> list[Tensor]:
+        return [self[n] for n in self.names]
+
+
+def _group_by_device_dtype(*lists: list[Tensor]) -> list[tuple[list[Tensor], ...]]:
+    """Split parallel tensor lists into groups of one device and dtype (foreach needs that)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(lists[0]):
+        groups[(t.device, t.dtype)].append(i)
+    return [tuple([lst[i] for i in idx] for lst in lists) for idx in groups.values()]
+
+
+class Penalty(nn.Module):
+    """Ω(w) = α·R(w_S) + β/2 ‖w_S̄‖², with R defined by the subclass.
+
+    Args:
+        inherited: name -> parameter of the inherited set S (trainable, in scope).
+        head: name -> parameter of the new head S̄.
+        alpha, beta: non-negative weights, keyword only.
+        fisher: name -> Fisher diagonal, for the penalties that use it.
+    """
+
+    name: ClassVar[str]
+    uses_reference: ClassVar[bool] = False
+    uses_fisher: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        inherited: Mapping[str, nn.Parameter],
+        head: Mapping[str, nn.Parameter],
+        *,
+        alpha: float,
+        beta: float,
+        fisher: Mapping[str, Tensor] | None = None,
+    ):
+        super().__init__()
+        for key, value in (("alpha", alpha), ("beta", beta)):
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{key} must be a non-negative number, not {value!r}")
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.inherited_names = list(inherited)
+        self.head_names = list(head)
+        # The parameters are the model's: kept in plain lists so that they are not registered
+        # twice (the model's state_dict owns them, this module's holds the reference state).
+        self._inherited = list(inherited.values())
+        self._head = list(head.values())
+        if self.uses_reference:
+            self.w0 = TensorStore({n: p for n, p in inherited.items()})
+        if self.uses_fisher:
+            if fisher is None:
+                raise ValueError(f"penalty {self.name!r} needs a Fisher diagonal")
+            missing = [n for n in inherited if n not in fisher]
+            if missing:
+                raise ValueError(f"the Fisher diagonal lacks {len(missing)} inherited tensors, e.g. {missing[:3]}")
+            for n, p in inherited.items():
+                if fisher[n].shape != p.shape:
+                    raise ValueError(f"Fisher shape {tuple(fisher[n].shape)} != parameter shape {tuple(p.shape)} for {n}")
+            self.fisher = TensorStore({n: fisher[n].to(p) for n, p in inherited.items()})
+
+    def describe(self) -> dict[str, int | float | str]:
+        """Counts worth logging at start: which tensors get which weight."""
+        return {
+            "penalty": self.name,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "n_inherited_tensors": len(self._inherited),
+            "n_inherited_elements": sum(p.numel() for p in self._inherited),
+            "n_head_tensors": len(self._head),
+            "n_head_elements": sum(p.numel() for p in self._head),
+        }
+
+    # -- the explicit penalty (autograd) ------------------------------------------------------
+    def value(self) -> Tensor:
+        """Ω(w) as a differentiable scalar."""
+        head = sum((p.pow(2).sum() for p in self._head), torch.zeros(()))
+        return self.alpha * self._inherited_value() + 0.5 * self.beta * head
+
+    def _inherited_value(self) -> Tensor:
+        raise NotImplementedError
+
+    # -- the gradient, added in place ---------------------------------------------------------
+    @torch.no_grad()
+    def add_grad_(self, *, foreach: bool | None = None) -> None:
+        """``p.grad += ∂Ω/∂p`` for every penalised parameter (a missing grad counts as zero).
+
+        ``foreach=None`` picks the ``torch._foreach_*`` path; ``False`` the per-tensor loop,
+        which is the reference the fast path is tested against.
+        """
+        params = self._inherited + self._head
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if foreach is None:
+            foreach = True
+        if foreach:
+            self._add_grad_foreach()
+        else:
+            self._add_grad_loop()
+
+    def _add_grad_loop(self) -> None:
+        for i, p in enumerate(self._inherited):
+            p.grad.add_(self._inherited_grad(i, p), alpha=self.alpha)
+        if self.beta:
+            for p in self._head:
+                p.grad.add_(p, alpha=self.beta)
+
+    def _add_grad_foreach(self) -> None:
+        if self._inherited and self.alpha:
+            self._inherited_grad_foreach()
+        if self._head and self.beta:
+            for params, grads in _group_by_device_dtype(self._head, [p.grad for p in self._head]):
+                torch._foreach_add_(grads, params, alpha=self.beta)
+
+    def _inherited_grad(self, i: int, p: Tensor) -> Tensor:
+        """∂R/∂w for the i-th inherited tensor (reference path)."""
+        raise NotImplementedError
+
+    def _inherited_grad_foreach(self) -> None:
+        """``grad += α ∂R/∂w`` over all inherited tensors at once (fast path)."""
+        raise NotImplementedError
+
+
+@register
+class NoPenalty(Penalty):
+    """Ω(w) = 0: plain fine-tuning (early stopping aside). α and β must be 0."""
+
+    name = "none"
+
+    def __init__(self, inherited, head, *, alpha: float = 0.0, beta: float = 0.0, fisher=None):
+        if alpha or beta:
+            raise ValueError("the 'none' penalty takes alpha = beta = 0")
+        super().__init__(inherited, head, alpha=0.0, beta=0.0)
+
+    def value(self) -> Tensor:
+        return torch.zeros(())
+
+    @torch.no_grad()
+    def add_grad_(self, *, foreach: bool | None = None) -> None:
+        return None
+
+
+@register
+class L2(Penalty):
+    """Ω(w) = α/2 ‖w_S‖² + β/2 ‖w_S̄‖²: weight decay toward the origin (the baseline).
+    ∂Ω/∂w_S = α w_S."""
+
+    name = "l2"
+
+    def _inherited_value(self) -> Tensor:
+        return 0.5 * sum(p.pow(2).sum() for p in self._inherited)
+
+    def _inherited_grad(self, i: int, p: Tensor) -> Tensor:
+        return p
+
+    def _inherited_grad_foreach(self) -> None:
+        for params, grads in _group_by_device_dtype(self._inherited, [p.grad for p in self._inherited]):
+            torch._foreach_add_(grads, params, alpha=self.alpha)
+
+
+@register
+class L2SP(Penalty):
+    """Ω(w) = α/2 ‖w_S − w0_S‖² + β/2 ‖w_S̄‖²: decay toward the starting point (eq. 3).
+    ∂Ω/∂w_S = α (w_S − w0_S). ``w0`` is a copy of S taken when the penalty is built."""
+
+    name = "l2_sp"
+    uses_reference = True
+
+    def _inherited_value(self) -> Tensor:
+        return 0.5 * sum((p - w0).pow(2).sum() for p, w0 in zip(self._inherited, self.w0.values()))
+
+    def _inherited_grad(self, i: int, p: Tensor) -> Tensor:
+        return p - self.w0[self.inherited_names[i]]
+
+    def _inherited_grad_foreach(self) -> None:
+        lists = (self._inherited, [p.grad for p in self._inherited], self.w0.values())
+        for params, grads, refs in _group_by_device_dtype(*lists):
+            diff = torch._foreach_sub(params, refs)
+            torch._foreach_add_(grads, diff, alpha=self.alpha)
+
+
+@register
+class L2SPFisher(Penalty):
+    """Ω(w) = α/2 Σ_{j∈S} F_jj (w_j − w0_j)² + β/2 ‖w_S̄‖² (eq. 4, the EWC form).
+    ∂Ω/∂w_S = α F ⊙ (w_S − w0_S). ``F`` is the Fisher diagonal estimated on the source."""
+
+    name = "l2_sp_fisher"
+    uses_reference = True
+    uses_fisher = True
+
+    def _inherited_value(self) -> Tensor:
+        terms = zip(self._inherited, self.w0.values(), self.fisher.values())
+        return 0.5 * sum((f * (p - w0).pow(2)).sum() for p, w0, f in terms)
+
+    def _inherited_grad(self, i: int, p: Tensor) -> Tensor:
+        name = self.inherited_names[i]
+        return self.fisher[name] * (p - self.w0[name])
+
+    def _inherited_grad_foreach(self) -> None:
+        lists = (self._inherited, [p.grad for p in self._inherited], self.w0.values(), self.fisher.values())
+        for params, grads, refs, fishers in _group_by_device_dtype(*lists):
+            diff = torch._foreach_sub(params, refs)
+            torch._foreach_mul_(diff, fishers)
+            torch._foreach_add_(grads, diff, alpha=self.alpha)
+
+
+def make_penalty(
+    name: str,
+    inherited: Mapping[str, nn.Parameter],
+    head: Mapping[str, nn.Parameter],
+    *,
+    alpha: float,
+    beta: float,
+    fisher: Mapping[str, Tensor] | None = None,
+) -> Penalty:
+    """Build the registered penalty ``name``. Build it before the first optimizer step:
+    the reference ``w0`` is the parameters' value at that moment."""
+    try:
+        cls = PENALTIES[name]
+    except KeyError:
+        raise ValueError(f"unknown penalty {name!r} (known: {sorted(PENALTIES)})") from None
+    return cls(inherited, head, alpha=alpha, beta=beta, fisher=fisher if cls.uses_fisher else None)

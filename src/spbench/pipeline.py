@@ -1,0 +1,269 @@
+"""The stages of the workflow as plain functions of the validated config.
+
+Each workflow script unpacks its rule's inputs and calls one function here; the same
+functions run from a notebook. Nothing here imports Snakemake.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from . import __version__
+from .config import RunSpec, derive_seed
+from .data import load_task, prepare_task
+from .fisher import estimate_fisher, load_fisher, normalize_fisher, save_fisher
+from .models import apply_freeze, build_model, split_parameters
+from .penalties import PENALTIES, make_penalty
+from .results import write_json_atomic, write_record
+from .train import evaluate, load_source, pretrain, save_source, set_determinism, train_steps
+
+__all__ = [
+    "prepare_task_from_config",
+    "build_source",
+    "compute_fisher",
+    "run_config",
+    "finetune_run",
+    "device_name",
+    "setup_logging",
+    "aggregate_records",
+]
+
+log = logging.getLogger(__name__)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def prepare_task_from_config(config: Mapping, task: str, out_dir) -> Path:
+    spec = dict(config["tasks"][task])
+    builder = spec.pop("builder")
+    return prepare_task(builder, spec, out_dir)
+
+
+def build_source(config: Mapping, source: str, task_dir, model_out, info_out) -> dict:
+    """Make the source network: pretrain it on its task (``weights: pretrain``) or read a
+    state dict (``weights: file``); evaluate it on the source test split; write the
+    checkpoint and ``info_out`` (JSON with its accuracy and provenance)."""
+    spec = config["sources"][source]
+    data = load_task(task_dir)
+    if spec["weights"] == "pretrain":
+        opts = {"epochs": 30, "batch_size": 64, "lr": 0.05, "weight_decay": 5e-4, "seed": 0, **spec.get("pretrain", {})}
+        set_determinism(opts["seed"], threads=config["finetune"]["threads"])
+        model, history = pretrain(spec["arch"], data.x["train"], data.y["train"], data.num_classes, **opts)
+        provenance = {"weights": "pretrain", **opts, "final_train_loss": history.loss[-1], "seconds": history.seconds}
+    else:
+        model = build_model(spec["arch"], data.num_classes, data.channels)
+        state = torch.load(spec["path"], map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        provenance = {"weights": "file", "path": str(spec["path"])}
+    accuracy = evaluate(model, data.x["test"], data.y["test"])
+    info = {
+        "source": source,
+        "arch": spec["arch"],
+        "task": spec["task"],
+        "test_accuracy": accuracy,
+        "num_classes": data.num_classes,
+        "in_channels": data.channels,
+        **provenance,
+    }
+    log.info("source %s: test accuracy %.4f", source, accuracy)
+    save_source(model_out, model, arch=spec["arch"], in_channels=data.channels, meta=info)
+    write_json_atomic(info_out, info)
+    return info
+
+
+def compute_fisher(config: Mapping, source: str, model_path, task_dir, out_path) -> dict:
+    """Fisher diagonal of the source network on its own source data, over all backbone
+    tensors (the penalties restrict it to their scope)."""
+    opts = config["fisher"]
+    set_determinism(opts["seed"], threads=config["finetune"]["threads"])
+    model, _ = load_source(model_path)
+    data = load_task(task_dir)
+    x = data.x[opts["split"]][: opts["num_examples"]]
+    names = [n for n, _ in model.named_parameters() if n.startswith("backbone.")]
+    gen = torch.Generator().manual_seed(opts["seed"])
+    start = time.perf_counter()
+    fisher = estimate_fisher(
+        model, x, names, estimator=opts["estimator"], samples=opts["samples"], batch_size=opts["batch_size"], generator=gen
+    )
+    meta = {
+        "source": source,
+        "estimator": opts["estimator"],
+        "samples": opts["samples"] if opts["estimator"] == "mc" else 0,
+        "m": len(x),
+        "split": opts["split"],
+        "seconds": time.perf_counter() - start,
+        "source_model_sha": _file_digest(model_path),
+    }
+    save_fisher(out_path, fisher, meta)
+    flat = torch.cat([f.flatten() for f in fisher.values()])
+    log.info("Fisher of %s: m=%d, mean %.3g, max/mean %.1f", source, len(x), flat.mean(), flat.max() / flat.mean())
+    return meta
+
+
+def _file_digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def run_config(config: Mapping, spec: RunSpec) -> dict[str, Any]:
+    """The resolved configuration of one run: what goes to MLflow, the record and logs."""
+    source = config["sources"][spec.source]
+    return {
+        "run": {
+            "key": spec.key,
+            "source": spec.source,
+            "target": spec.target,
+            "penalty": spec.penalty,
+            "alpha": spec.alpha,
+            "beta": spec.beta,
+            "freeze": spec.freeze,
+            "replicate": spec.replicate,
+            "seed": spec.seed,
+        },
+        "finetune": dict(config["finetune"]),
+        "fisher": dict(config["fisher"]) if PENALTIES[spec.penalty].uses_fisher else {},
+        "source": {k: v for k, v in source.items()},
+        "target_task": dict(config["tasks"][spec.target]),
+        "source_task": dict(config["tasks"][source["task"]]),
+    }
+
+
+def finetune_run(
+    config: Mapping,
+    spec: RunSpec,
+    *,
+    source_model,
+    source_info,
+    target_dir,
+    source_dir,
+    fisher_path=None,
+    record_out,
+    device: str = "cpu",
+) -> tuple[dict, list[float]]:
+    """One fine-tune: source backbone + new head on the target, penalty ``spec.penalty``.
+
+    Writes and returns the result record (see :mod:`spbench.results`) and the train-loss curve.
+    """
+    ft = config["finetune"]
+    resolved = run_config(config, spec)
+    set_determinism(spec.seed, threads=ft["threads"])
+    dev = torch.device(device)
+    target = load_task(target_dir)
+    source_data = load_task(source_dir)
+    info = json.loads(Path(source_info).read_text())
+
+    src_model, _ = load_source(source_model)
+    model = build_model(info["arch"], target.num_classes, info["in_channels"])  # head: seeded random init
+    model.backbone.load_state_dict(src_model.backbone.state_dict())
+    source_head = src_model.head
+    model.to(dev)
+    source_head.to(dev)
+
+    frozen = apply_freeze(model, spec.freeze)
+    inherited, head = split_parameters(model, ft["sp_scope"])
+    fisher = None
+    fisher_meta: dict[str, Any] = {}
+    if PENALTIES[spec.penalty].uses_fisher:
+        if fisher_path is None:
+            raise ValueError(f"penalty {spec.penalty!r} needs the source's Fisher file")
+        raw, fisher_meta = load_fisher(fisher_path)
+        fisher = normalize_fisher({n: raw[n].to(dev) for n in inherited}, config["fisher"]["normalize"])
+    penalty = make_penalty(spec.penalty, inherited, head, alpha=spec.alpha, beta=spec.beta, fisher=fisher).to(dev)
+    log.info("run %s (seed %d): %s; %d frozen tensors", spec.key, spec.seed, penalty.describe(), len(frozen))
+
+    x, y = target.x["train"].to(dev), target.y["train"].to(dev)
+    gen = torch.Generator().manual_seed(derive_seed("batches", spec.seed))
+    start = time.perf_counter()
+    history = train_steps(
+        model,
+        penalty,
+        x,
+        y,
+        steps=ft["steps"],
+        batch_size=ft["batch_size"],
+        lr=ft["lr"],
+        momentum=ft["momentum"],
+        schedule=ft["lr_schedule"],
+        milestones=ft["lr_milestones"],
+        freeze=spec.freeze,
+        bn_mode=ft["bn_mode"],
+        generator=gen,
+    )
+    test_acc = evaluate(model, target.x["test"].to(dev), target.y["test"].to(dev), ft["eval_batch_size"])
+    # Source-task retention (Table 3): the fine-tuned backbone under the ORIGINAL source head.
+    source_net = torch.nn.Sequential(model.backbone, source_head)
+    source_acc = evaluate(source_net, source_data.x["test"].to(dev), source_data.y["test"].to(dev), ft["eval_batch_size"])
+    wall = time.perf_counter() - start
+    describe = penalty.describe()
+    record = {
+        "run_key": spec.key,
+        "source": spec.source,
+        "target": spec.target,
+        "penalty": spec.penalty,
+        "alpha": spec.alpha,
+        "beta": spec.beta,
+        "freeze": spec.freeze,
+        "replicate": spec.replicate,
+        "seed": spec.seed,
+        "arch": info["arch"],
+        "sp_scope": ft["sp_scope"],
+        "bn_mode": ft["bn_mode"],
+        "fisher_estimator": fisher_meta.get("estimator", ""),
+        "fisher_normalize": config["fisher"]["normalize"] if fisher is not None else "",
+        "steps": ft["steps"],
+        "batch_size": min(ft["batch_size"], len(x)),
+        "lr": ft["lr"],
+        "n_train": len(x),
+        "n_test": len(target.y["test"]),
+        "num_classes": target.num_classes,
+        "n_inherited_tensors": describe["n_inherited_tensors"],
+        "n_head_tensors": describe["n_head_tensors"],
+        "test_accuracy": test_acc,
+        "final_train_loss": history.loss[-1],
+        "source_accuracy": source_acc,
+        "source_accuracy_pretrained": info["test_accuracy"],
+        "source_accuracy_drop": source_acc - info["test_accuracy"],
+        "device": device_name(dev),
+        "wall_seconds": wall,
+        "images_per_second": history.images / history.seconds,
+        "spbench_version": __version__,
+        "torch_version": torch.__version__,
+        "config_json": json.dumps(resolved, sort_keys=True),
+        # beyond the table: the curve, for the tracker and for plots
+        "train_loss": history.loss,
+    }
+    write_record(record_out, record)
+    log.info("run %s: test accuracy %.4f, source accuracy %.4f (drop %.4f), %.1f s",
+             spec.key, test_acc, source_acc, source_acc - info["test_accuracy"], wall)
+    return record, history.loss
+
+
+def setup_logging(log_path=None, level: int = logging.INFO) -> None:
+    """Log spbench's messages (progress, counts, results) to ``log_path`` and stderr."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True)
+
+
+def aggregate_records(record_paths, out_path) -> int:
+    """Read every run record and write the run table (Parquet); returns the row count."""
+    from .results import read_record, records_to_frame, write_parquet
+
+    frame = records_to_frame(read_record(p) for p in record_paths)
+    write_parquet(frame, out_path)
+    log.info("%d runs -> %s", len(frame), out_path)
+    return len(frame)

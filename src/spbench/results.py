@@ -1,0 +1,159 @@
+"""The result schema, defined once: one row per fine-tune run.
+
+A fine-tune job writes one JSON record (the source of truth for that run); the aggregate
+step reads all records into ``results/runs.parquet`` with exactly the columns of
+:data:`SCHEMA`. Reports are pure functions of that table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "SCHEMA",
+    "IDENTITY",
+    "SchemaError",
+    "write_json_atomic",
+    "write_record",
+    "read_record",
+    "records_to_frame",
+    "write_parquet",
+    "read_parquet",
+]
+
+#: Columns of ``runs.parquet`` and the fields of every record, with their Arrow types.
+#: The record may carry more (the train-loss curve, the resolved config as a dict);
+#: the table keeps the config as JSON text and drops the curve.
+SCHEMA = pa.schema(
+    [
+        # identity of the run (its output path spells these)
+        ("run_key", pa.string()),
+        ("source", pa.string()),
+        ("target", pa.string()),
+        ("penalty", pa.string()),
+        ("alpha", pa.float64()),
+        ("beta", pa.float64()),
+        ("freeze", pa.int64()),
+        ("replicate", pa.int64()),
+        ("seed", pa.int64()),
+        # how the penalty and training were set up
+        ("arch", pa.string()),
+        ("sp_scope", pa.string()),
+        ("bn_mode", pa.string()),
+        ("fisher_estimator", pa.string()),
+        ("fisher_normalize", pa.string()),
+        ("steps", pa.int64()),
+        ("batch_size", pa.int64()),
+        ("lr", pa.float64()),
+        ("n_train", pa.int64()),
+        ("n_test", pa.int64()),
+        ("num_classes", pa.int64()),
+        ("n_inherited_tensors", pa.int64()),
+        ("n_head_tensors", pa.int64()),
+        # outcomes
+        ("test_accuracy", pa.float64()),
+        ("final_train_loss", pa.float64()),
+        ("source_accuracy", pa.float64()),
+        ("source_accuracy_pretrained", pa.float64()),
+        ("source_accuracy_drop", pa.float64()),
+        # cost
+        ("device", pa.string()),
+        ("wall_seconds", pa.float64()),
+        ("images_per_second", pa.float64()),
+        # provenance
+        ("spbench_version", pa.string()),
+        ("torch_version", pa.string()),
+        ("config_json", pa.string()),
+    ]
+)
+
+#: The columns that identify a run; no two rows of a valid table share them.
+IDENTITY = ["source", "target", "penalty", "alpha", "beta", "freeze", "replicate"]
+
+
+class SchemaError(ValueError):
+    """A record or table does not match :data:`SCHEMA`."""
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON so that ``path`` either holds all of it or does not exist."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_record(record: Mapping[str, Any]) -> None:
+    missing = [f.name for f in SCHEMA if f.name not in record]
+    if missing:
+        raise SchemaError(f"record lacks the fields {missing}")
+    try:
+        pa.Table.from_pylist([{f.name: record[f.name] for f in SCHEMA}], schema=SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise SchemaError(f"record does not fit the result schema: {err}") from err
+
+
+def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Check ``record`` against the schema and write it atomically as JSON."""
+    _check_record(record)
+    write_json_atomic(path, dict(record))
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path) as fh:
+        record = json.load(fh)
+    try:
+        _check_record(record)
+    except SchemaError as err:
+        raise SchemaError(f"{path}: {err}") from None
+    return record
+
+
+def records_to_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per record, exactly the schema's columns; duplicate identities are refused."""
+    rows = [{f.name: r[f.name] for f in SCHEMA} for r in records]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    frame = table.to_pandas()
+    dup = frame.duplicated(IDENTITY, keep=False)
+    if dup.any():
+        keys = sorted(frame.loc[dup, "run_key"].unique())
+        raise SchemaError(f"several records share one run identity: {keys[:5]}")
+    return frame.sort_values(IDENTITY, kind="stable").reset_index(drop=True)
+
+
+def write_parquet(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write the run table atomically, typed by :data:`SCHEMA`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame[[f.name for f in SCHEMA]], schema=SCHEMA, preserve_index=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a run table, refusing one whose columns differ from :data:`SCHEMA`."""
+    table = pq.read_table(path)
+    names = [f.name for f in SCHEMA]
+    if table.schema.names != names:
+        missing = sorted(set(names) - set(table.schema.names))
+        extra = sorted(set(table.schema.names) - set(names))
+        raise SchemaError(f"{path}: columns differ from the result schema (missing {missing}, extra {extra})")
+    return table.cast(SCHEMA).to_pandas()

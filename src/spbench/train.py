@@ -1,0 +1,218 @@
+"""Training: pretraining a source network, fine-tuning with a penalty, evaluation.
+
+The gradient pipeline of one step is: forward → loss → backward → ``penalty.add_grad_()``
+(∇Ω added in place) → optimizer step; one optimizer step per iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .models import Classifier, apply_freeze, build_model, split_parameters
+from .penalties import L2, Penalty
+
+__all__ = [
+    "lr_at",
+    "set_train_mode",
+    "batch_indices",
+    "evaluate",
+    "module_modes",
+    "restore_modes",
+    "train_steps",
+    "TrainHistory",
+    "pretrain",
+    "save_source",
+    "load_source",
+    "set_determinism",
+]
+
+log = logging.getLogger(__name__)
+
+
+def set_determinism(seed: int, threads: int | None = None) -> None:
+    """Seed torch's global RNG and fix the thread count (CPU kernels give the same numbers
+    for the same thread count); cuDNN is told to pick deterministic kernels.
+
+    ``torch.use_deterministic_algorithms`` is not called: it imports the compiler stack
+    (about 1.7 s per process), which a short fine-tune job cannot afford.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def lr_at(step: int, total: int, base: float, schedule: str = "cosine", milestones: list[int] | None = None) -> float:
+    """Learning rate of step ``step`` (0-based) out of ``total``.
+
+    ``cosine``: base·½(1 + cos(π·step/total)), decaying to 0 (the demo's protocol);
+    ``step``: base divided by 10 at each milestone (the paper: ÷10 after 6000 of 9000);
+    ``constant``: base.
+    """
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * step / total))
+    if schedule == "step":
+        return base * 0.1 ** sum(step >= m for m in (milestones or []))
+    if schedule == "constant":
+        return base
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def set_train_mode(model: Classifier, freeze: int, bn_mode: str) -> None:
+    """Train mode, except batch norms that must keep their statistics: those of frozen
+    units, and all of them when ``bn_mode == 'eval'``."""
+    if bn_mode not in ("train", "eval"):
+        raise ValueError(f"bn_mode must be 'train' or 'eval', not {bn_mode!r}")
+    model.train()
+    fixed = model.freeze_units()[:freeze] if bn_mode == "train" else [model.backbone]
+    for unit in fixed:
+        for m in unit.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """Indices of ``steps`` mini-batches: successive epochs of seeded permutations, each batch
+    ``min(batch_size, n)`` images (the whole set when it is smaller)."""
+    b = min(batch_size, n)
+    perm, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if pos + b > n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        yield perm[pos : pos + b]
+        pos += b
+
+
+def module_modes(model: nn.Module) -> dict[nn.Module, bool]:
+    """The train/eval flag of every submodule (frozen units may differ from the rest)."""
+    return {m: m.training for m in model.modules()}
+
+
+def restore_modes(modes: dict[nn.Module, bool]) -> None:
+    for m, training in modes.items():
+        m.training = training
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` in eval mode (every submodule's mode is restored)."""
+    modes = module_modes(model)
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start : start + batch_size])
+            correct += (logits.argmax(dim=1) == y[start : start + batch_size]).sum().item()
+    finally:
+        restore_modes(modes)
+    return correct / len(x)
+
+
+@dataclass
+class TrainHistory:
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    images: int = 0
+
+
+def train_steps(
+    model: Classifier,
+    penalty: Penalty,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    schedule: str = "cosine",
+    milestones: list[int] | None = None,
+    freeze: int = 0,
+    bn_mode: str = "train",
+    generator: torch.Generator,
+    log_every: int = 50,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainHistory:
+    """SGD with momentum on J(w) + Ω(w); Ω enters through ``penalty.add_grad_()``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    loss_fn = nn.CrossEntropyLoss()
+    history = TrainHistory()
+    set_train_mode(model, freeze, bn_mode)
+    start = time.perf_counter()
+    for step, idx in enumerate(batch_indices(len(x), batch_size, steps, generator)):
+        rate = lr_at(step, steps, lr, schedule, milestones)
+        for group in opt.param_groups:
+            group["lr"] = rate
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        penalty.add_grad_()
+        opt.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss is {value} at step {step} (learning rate or α too large?)")
+        history.loss.append(value)
+        history.lr.append(rate)
+        history.images += len(idx)
+        if on_step is not None:
+            on_step(step, value)
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            log.info("step %d/%d  loss %.4f  lr %.3g", step + 1, steps, value, rate)
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+def pretrain(
+    arch: str,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> tuple[Classifier, TrainHistory]:
+    """Train ``arch`` from scratch on a source task (the demo's stand-in for ImageNet
+    pretraining): SGD momentum 0.9, cosine schedule, weight decay as an L2 penalty."""
+    set_determinism(seed)
+    model = build_model(arch, num_classes, x.shape[1])
+    inherited, head = split_parameters(model)
+    decay = L2(inherited, head, alpha=weight_decay, beta=weight_decay)
+    steps = epochs * math.ceil(len(x) / min(batch_size, len(x)))
+    gen = torch.Generator().manual_seed(seed)
+    history = train_steps(model, decay, x, y, steps=steps, batch_size=batch_size, lr=lr, generator=gen)
+    return model, history
+
+
+def save_source(path, model: Classifier, *, arch: str, in_channels: int, meta: dict) -> None:
+    """A source checkpoint: the whole classifier (backbone and its own source head)."""
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "arch": arch,
+            "num_classes": model.head.out_features,
+            "in_channels": in_channels,
+            "meta": meta,
+        },
+        path,
+    )
+
+
+def load_source(path) -> tuple[Classifier, dict]:
+    """Rebuild a source classifier from :func:`save_source`'s file (weights only)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(blob["arch"], blob["num_classes"], blob["in_channels"])
+    model.load_state_dict(blob["state_dict"])
+    return model, blob

@@ -1,0 +1,150 @@
+"""End to end: the real `snakemake` CLI runs the whole DAG on config/tiny.yaml in a temporary
+directory; the Parquet, the MLflow runs and the reports are checked, then a rerun of one job
+is checked to reproduce its record without duplicating its MLflow run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spbench.results import SCHEMA, read_parquet, read_record
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+#: Fields that measure cost and so differ between two executions of the same run.
+COST_FIELDS = {"wall_seconds", "images_per_second"}
+
+pytestmark = pytest.mark.e2e
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def finished_workflow(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("wf")
+    shutil.copy(REPO / "config" / "tiny.yaml", workdir / "tiny.yaml")
+    snakemake(workdir, "--configfile", "tiny.yaml", "--cores", "2")
+    return workdir
+
+
+def tiny_config() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+
+
+def expected_runs() -> int:
+    grid = tiny_config()["grid"]
+    per = sum(len(s.get("alpha", [0])) * len(s.get("beta", [0])) for s in grid["penalties"].values())
+    return per * len(grid["sources"]) * len(grid["targets"]) * grid["replicates"] * len(grid.get("freeze", [0]))
+
+
+def test_parquet_holds_every_run(finished_workflow):
+    """runs.parquet has the schema's columns and one row per grid point, each matching its record."""
+    runs = read_parquet(finished_workflow / "results" / "runs.parquet")
+    assert list(runs.columns) == [f.name for f in SCHEMA]
+    assert len(runs) == expected_runs()
+    assert set(runs["penalty"]) == set(tiny_config()["grid"]["penalties"])
+    assert runs["test_accuracy"].between(0, 1).all()
+    assert runs["run_key"].is_unique
+    for row in runs.itertuples():
+        record = read_record(finished_workflow / "results" / "runs" / row.run_key / "record.json")
+        assert record["test_accuracy"] == row.test_accuracy
+        assert record["seed"] == row.seed
+        assert len(record["train_loss"]) == row.steps
+        assert json.loads(record["config_json"])["run"]["key"] == row.run_key
+
+
+def test_mlflow_has_one_run_per_record(finished_workflow):
+    """Every fine-tune is an MLflow run with its params, curve, final metrics and tags."""
+    from mlflow.tracking import MlflowClient
+
+    runs = read_parquet(finished_workflow / "results" / "runs.parquet")
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished_workflow / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(tiny_config()["tracking"]["experiment"])
+    assert exp is not None
+    tracked = client.search_runs([exp.experiment_id], max_results=1000)
+    by_key = {r.data.tags["spbench.run_key"]: r for r in tracked}
+    assert len(tracked) == len(runs) == len(by_key)
+    for row in runs.itertuples():
+        run = by_key[row.run_key]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["test_accuracy"] == pytest.approx(row.test_accuracy)
+        assert run.data.metrics["source_accuracy_drop"] == pytest.approx(row.source_accuracy_drop)
+        assert run.data.tags["penalty"] == row.penalty
+        assert run.data.tags["replicate"] == str(row.replicate)
+        assert run.data.params["run.seed"] == str(row.seed)
+        assert run.data.params["finetune.steps"] == str(row.steps)
+        curve = client.get_metric_history(run.info.run_id, "train_loss")
+        assert len(curve) == row.steps
+
+
+def test_reports_are_written(finished_workflow):
+    """Table 2, Table 3 and Fig. 2 come out of the Parquet."""
+    reports = finished_workflow / "reports"
+    for name in ("table2.md", "table3.md", "table2.csv", "table3.csv", "fig2.png"):
+        assert (reports / name).stat().st_size > 0, name
+    table2 = (reports / "table2.md").read_text()
+    for penalty in tiny_config()["grid"]["penalties"]:
+        assert penalty in table2
+    assert (reports / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_reproduces_record_without_duplicate_tracking(finished_workflow):
+    """A deleted record is recomputed identically (cost fields aside) and MLflow keeps one run
+    per identity; afterwards the workflow has nothing left to do."""
+    runs = read_parquet(finished_workflow / "results" / "runs.parquet")
+    key = runs.loc[runs["penalty"] == "l2_sp_fisher", "run_key"].iloc[0]
+    path = finished_workflow / "results" / "runs" / key / "record.json"
+    before = read_record(path)
+    path.unlink()
+    snakemake(finished_workflow, "--configfile", "tiny.yaml", "--cores", "2")
+    after = read_record(path)
+    assert {k: v for k, v in before.items() if k not in COST_FIELDS} == {
+        k: v for k, v in after.items() if k not in COST_FIELDS
+    }
+    test_mlflow_has_one_run_per_record(finished_workflow)
+    dry = snakemake(finished_workflow, "--configfile", "tiny.yaml", "--cores", "2", "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda c: c["grid"]["penalties"].update(l2_spx={"alpha": [0.1], "beta": [0.01]}), "grid.penalties.l2_spx"),
+        (lambda c: c["grid"]["penalties"]["l2"].update(alpha=[-1.0]), "grid.penalties.l2.alpha"),
+        (lambda c: c["finetune"].update(stepz=3), "finetune.stepz"),
+        (lambda c: c["sources"]["digits-src"].update(weights="file", path="missing.pt"), "sources.digits-src.path"),
+    ],
+    ids=["unknown-penalty", "negative-alpha", "typo-key", "missing-file"],
+)
+def test_bad_config_fails_before_any_job(tmp_path, edit, key):
+    """A bad config stops snakemake at DAG construction, naming the key; nothing is written."""
+    import yaml
+
+    config = tiny_config()
+    edit(config)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "--configfile", "bad.yaml", "--cores", "1", check=False)
+    assert proc.returncode != 0
+    assert key in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "data").exists()
+
+
+def test_lint_is_clean(tmp_path):
+    """`snakemake --lint` finds nothing to say about the workflow."""
+    shutil.copy(REPO / "config" / "tiny.yaml", tmp_path / "tiny.yaml")
+    proc = snakemake(tmp_path, "--configfile", "tiny.yaml", "--lint")
+    assert "Congratulations, your workflow is in a good condition" in proc.stdout + proc.stderr

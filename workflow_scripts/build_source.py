@@ -1,0 +1,13 @@
+"""Rules pretrain_source / source_from_file: make the source network and evaluate it."""
+from pathlib import Path
+
+from spbench.pipeline import build_source, setup_logging
+
+setup_logging(snakemake.log[0])
+build_source(
+    snakemake.config,
+    snakemake.wildcards.source,
+    Path(snakemake.input.meta).parent,
+    snakemake.output.model,
+    snakemake.output.info,
+)

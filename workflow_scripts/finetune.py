@@ -1,0 +1,24 @@
+"""Rule finetune: one fine-tune run -> its record (the source of truth), then MLflow."""
+from pathlib import Path
+
+from spbench.config import RunSpec
+from spbench.pipeline import finetune_run, run_config, setup_logging
+from spbench.tracking import log_run
+
+setup_logging(snakemake.log[0])
+w = snakemake.wildcards
+spec = RunSpec(w.source, w.target, w.penalty, float(w.alpha), float(w.beta), int(w.freeze), int(w.replicate))
+if spec.key != snakemake.params.run_key or not snakemake.output.record.endswith(f"{spec.key}/record.json"):
+    raise ValueError(f"non-canonical run path {snakemake.output.record}: expected .../{spec.key}/record.json")
+record, curve = finetune_run(
+    snakemake.config,
+    spec,
+    source_model=snakemake.input.model,
+    source_info=snakemake.input.info,
+    target_dir=Path(snakemake.input.target).parent,
+    source_dir=Path(snakemake.input.source).parent,
+    fisher_path=snakemake.input.fisher or None,
+    record_out=snakemake.output.record,
+)
+tracking = snakemake.config["tracking"]
+log_run(tracking["uri"], tracking["experiment"], record, run_config(snakemake.config, spec), curve, timeout_s=tracking["timeout_s"])
