@@ -243,8 +243,11 @@ def test_trajectory_matches_explicit_objective(name, mode):
     (loss + value()).backward() (SPEC §2: in-place gradient ≡ explicit penalty)."""
     explicit = _sgd_run(*_twin(name), "explicit")
     in_place = _sgd_run(*_twin(name), mode)
+    # The smoothed non-smooth penalties have curvature ~1/ε near w0: rounding differences
+    # between two correct formulas grow by that factor over the steps, hence a looser bound.
+    rtol, atol = (1e-7, 1e-9) if getattr(_twin(name)[1], "eps", 0.0) else (1e-9, 1e-11)
     for a, b in zip(in_place, explicit):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
     if name != "none":
         plain = _sgd_run(*_twin(name), "plain")
         moved = max(float((a - b).abs().max()) for a, b in zip(explicit, plain))

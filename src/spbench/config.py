@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
         "lr_milestones": [],
         "bn_mode": "train",
         "sp_scope": "all",
+        "nonsmooth": "smooth",
+        "epsilon": 1e-3,
         "eval_batch_size": 512,
         "threads": 1,
     },

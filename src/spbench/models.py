@@ -16,6 +16,7 @@ from torch import nn
 __all__ = [
     "Classifier",
     "DemoResNet",
+    "TorchvisionResNet",
     "ARCHITECTURES",
     "build_model",
     "freeze_depth_count",
@@ -83,13 +84,54 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet without its ``fc`` layer. Freezable units: the stem (conv1 + bn1),
+    then every residual block in order. For ResNet-101 the paper counts layers (conv1 = 1, three
+    per bottleneck block): freezing ``u`` units freezes layers 1..1+3(u−1), so the paper's
+    depths 1, 10, 22, 34, 46, 58, 70, 82, 91, 100 are units 1, 4, 8, 12, 16, 20, 24, 28, 31, 34."""
+
+    def __init__(self, name: str, in_channels: int = 3):
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, name)(weights=None)
+        if in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.out_features = net.fc.in_features
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def units(self) -> list[nn.Module]:
+        stem = nn.ModuleList([self.conv1, self.bn1])
+        blocks = [b for layer in (self.layer1, self.layer2, self.layer3, self.layer4) for b in layer]
+        return [stem, *blocks]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
 def _demo_resnet(num_classes: int, in_channels: int) -> Classifier:
     return Classifier(DemoResNet(in_channels), num_classes)
 
 
+def _torchvision(name: str) -> Callable[[int, int], Classifier]:
+    def build(num_classes: int, in_channels: int) -> Classifier:
+        return Classifier(TorchvisionResNet(name, in_channels), num_classes)
+
+    build.__name__ = name
+    return build
+
+
 #: Architecture registry: name -> builder(num_classes, in_channels) -> Classifier.
+#: Parameter names follow torchvision's (``backbone.layer1.0.conv1.weight``), so published
+#: torchvision state dicts load into ``backbone`` once their ``fc.*`` entries are split off.
 ARCHITECTURES: dict[str, Callable[[int, int], Classifier]] = {
     "demo_resnet": _demo_resnet,
+    "resnet18": _torchvision("resnet18"),
+    "resnet50": _torchvision("resnet50"),
+    "resnet101": _torchvision("resnet101"),
 }
 
 
@@ -103,7 +145,8 @@ def build_model(arch: str, num_classes: int, in_channels: int) -> Classifier:
 
 def freeze_depth_count(arch: str) -> int:
     """How many freezable units ``arch`` has (the largest valid freeze depth)."""
-    return len(build_model(arch, 2, 3).freeze_units())
+    with torch.device("meta"):  # no memory, no initialisation cost
+        return len(build_model(arch, 2, 3).freeze_units())
 
 
 def apply_freeze(model: Classifier, depth: int) -> list[str]:

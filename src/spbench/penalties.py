@@ -14,6 +14,7 @@ Adding a penalty is one subclass decorated with :func:`register`.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import ClassVar, Mapping
 
@@ -26,6 +27,10 @@ __all__ = [
     "L2",
     "L2SP",
     "L2SPFisher",
+    "L1SP",
+    "GroupLassoSP",
+    "GroupLassoSPFisher",
+    "VARIANTS",
     "PENALTIES",
     "register",
     "make_penalty",
@@ -171,6 +176,13 @@ class Penalty(nn.Module):
         """∂R/∂w for the i-th inherited tensor (reference path)."""
         raise NotImplementedError
 
+    # -- the proximal step (forward-backward splitting) -------------------------------------------
+    @torch.no_grad()
+    def prox_(self, lr: float) -> None:
+        """Apply the proximal map of ``lr·α·R`` to the inherited tensors, after the optimizer
+        step. Only the proximal variants of the non-smooth penalties do anything here."""
+        return None
+
     def _inherited_grad_foreach(self) -> None:
         """``grad += α ∂R/∂w`` over all inherited tensors at once (fast path)."""
         raise NotImplementedError
@@ -259,6 +271,172 @@ class L2SPFisher(Penalty):
             torch._foreach_add_(grads, diff, alpha=self.alpha)
 
 
+# -- the non-smooth -SP penalties (paper eqs. 5-6) ---------------------------------------------------
+
+VARIANTS = ("smooth", "prox")
+
+
+def _groups(t: Tensor) -> Tensor:
+    """A tensor as rows of groups (SPEC §2): one row per output channel of a tensor of two or
+    more dimensions (its fan-in: kernel height × width × input depth); one row per element
+    of a 1-D tensor (batch-norm scale and shift, biases)."""
+    return t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(-1, 1)
+
+
+class NonSmoothSP(Penalty):
+    """Base of the penalties that are not differentiable at w = w0, where fine-tuning starts.
+
+    ``variant='smooth'``: plain SGD on the smoothed penalty, |x| → √(x² + ε²) and
+    ‖v‖ → √(‖v‖² + ε²) (the paper's choice); :meth:`value` is then the smoothed Ω.
+    ``variant='prox'``: forward-backward splitting; the optimizer steps on J + β/2‖w_S̄‖², then
+    :meth:`prox_` applies the exact proximal map of lr·α·R to S. :meth:`value` is the exact Ω.
+    The attribute ``eps`` is the smoothing in effect (0 for the proximal variant).
+    """
+
+    uses_reference = True
+
+    def __init__(self, inherited, head, *, alpha, beta, fisher=None, variant: str = "smooth", eps: float = 1e-3):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+        if variant == "smooth" and not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"the smoothed variant needs eps > 0, not {eps!r}")
+        super().__init__(inherited, head, alpha=alpha, beta=beta, fisher=fisher)
+        self.variant = variant
+        self.eps = float(eps) if variant == "smooth" else 0.0
+
+    def describe(self):
+        return {**super().describe(), "variant": self.variant, "eps": self.eps}
+
+    def _fishers(self) -> list[Tensor | None]:
+        return self.fisher.values() if self.uses_fisher else [None] * len(self._inherited)
+
+    def _inherited_value(self) -> Tensor:
+        terms = zip(self._inherited, self.w0.values(), self._fishers())
+        return sum((self._r(p - w0, f) for p, w0, f in terms), torch.zeros(()))
+
+    def _r(self, d: Tensor, f: Tensor | None) -> Tensor:
+        """R of one tensor's departure d = w − w0 (smoothed by ``self.eps``)."""
+        raise NotImplementedError
+
+    def _dr(self, d: Tensor, f: Tensor | None) -> Tensor:
+        """∂R/∂d for one tensor (smoothed variant)."""
+        raise NotImplementedError
+
+    def _prox(self, d: Tensor, t: float, f: Tensor | None) -> Tensor:
+        """argmin_u ½‖u − d‖² + t·R(u) for one tensor."""
+        raise NotImplementedError
+
+    def _inherited_grad(self, i: int, p: Tensor) -> Tensor:
+        if self.variant == "prox":
+            return torch.zeros_like(p)
+        name = self.inherited_names[i]
+        return self._dr(p - self.w0[name], self.fisher[name] if self.uses_fisher else None)
+
+    def _inherited_grad_foreach(self) -> None:
+        if self.variant == "prox":
+            return
+        lists = (self._inherited, [p.grad for p in self._inherited], self.w0.values(), self._fishers())
+        for params, grads, refs, fishers in _group_by_device_dtype(*lists):
+            diffs = torch._foreach_sub(params, refs)
+            torch._foreach_add_(grads, self._dr_foreach(diffs, fishers), alpha=self.alpha)
+
+    def _dr_foreach(self, diffs: list[Tensor], fishers: list[Tensor | None]) -> list[Tensor]:
+        return [self._dr(d, f) for d, f in zip(diffs, fishers)]
+
+    @torch.no_grad()
+    def prox_(self, lr: float) -> None:
+        if self.variant != "prox" or not self.alpha:
+            return
+        t = lr * self.alpha
+        for p, w0, f in zip(self._inherited, self.w0.values(), self._fishers()):
+            p.copy_(w0 + self._prox(p - w0, t, f))
+
+
+@register
+class L1SP(NonSmoothSP):
+    """Ω(w) = α ‖w_S − w0_S‖₁ + β/2 ‖w_S̄‖² (Lasso-SP, eq. 5).
+    Smoothed: α Σ_j √((w_j − w0_j)² + ε²), gradient α d/√(d² + ε²).
+    Proximal map: soft-thresholding of d = w − w0 at lr·α."""
+
+    name = "l1_sp"
+
+    def _r(self, d, f):
+        return torch.sqrt(d * d + self.eps**2).sum()
+
+    def _dr(self, d, f):
+        return d / torch.sqrt(d * d + self.eps**2)
+
+    def _dr_foreach(self, diffs, fishers):
+        den = torch._foreach_mul(diffs, diffs)
+        torch._foreach_add_(den, self.eps**2)
+        torch._foreach_sqrt_(den)
+        return torch._foreach_div(diffs, den)
+
+    def _prox(self, d, t, f):
+        return torch.sign(d) * torch.clamp(d.abs() - t, min=0)
+
+
+@register
+class GroupLassoSP(NonSmoothSP):
+    """Ω(w) = α Σ_g s_g ‖w_Gg − w0_Gg‖₂ + β/2 ‖w_S̄‖² (Group-Lasso-SP, eq. 6), groups as in
+    :func:`_groups`, s_g = √(group size).
+    Smoothed: ‖v‖ → √(‖v‖² + ε²), gradient α s_g d_g / √(‖d_g‖² + ε²).
+    Proximal map: group soft-thresholding, d_g · max(0, 1 − lr·α·s_g/‖d_g‖)."""
+
+    name = "gl_sp"
+
+    def _norms(self, d, f):
+        rows = _groups(d)
+        sq = rows.pow(2) if f is None else _groups(f) * rows.pow(2)
+        return rows, torch.sqrt(sq.sum(dim=1) + self.eps**2), math.sqrt(rows.shape[1])
+
+    def _r(self, d, f):
+        _, norms, s = self._norms(d, f)
+        return s * norms.sum()
+
+    def _dr(self, d, f):
+        rows, norms, s = self._norms(d, f)
+        g = rows if f is None else _groups(f) * rows
+        return (s * g / norms.unsqueeze(1)).reshape(d.shape)
+
+    def _prox(self, d, t, f):
+        rows = _groups(d)
+        norms = rows.norm(dim=1, keepdim=True)
+        threshold = t * math.sqrt(rows.shape[1])
+        scale = torch.clamp(1 - threshold / norms.clamp_min(torch.finfo(d.dtype).tiny), min=0)
+        return (rows * scale).reshape(d.shape)
+
+
+@register
+class GroupLassoSPFisher(GroupLassoSP):
+    """Ω(w) = α Σ_g s_g (Σ_{j∈Gg} F_jj (w_j − w0_j)²)^½ + β/2 ‖w_S̄‖² (eq. 6 with the Fisher
+    metric). Smoothed as gl_sp, gradient α s_g F_j d_j / √(Σ F d² + ε²).
+    Proximal map: u_j = d_j/(1 + λF_j), where λ > 0 solves λ‖F^½u(λ)‖ = lr·α·s_g (found by
+    bisection on log λ), and u = 0 when Σ_j d_j²/F_j ≤ (lr·α·s_g)²."""
+
+    name = "gl_sp_fisher"
+    uses_fisher = True
+
+    def _prox(self, d, t, f):
+        rows = _groups(d)
+        fr = _groups(f).clamp_min(1e-30)
+        ts = t * math.sqrt(rows.shape[1])
+        zero = (rows.pow(2) / fr).sum(dim=1) <= ts * ts
+        # g(λ) = λ·sqrt(Σ F d²/(1+λF)²) − ts is increasing in λ; bisect on log λ.
+        lo = torch.full((rows.shape[0], 1), -60.0, dtype=d.dtype, device=d.device)
+        hi = torch.full_like(lo, 60.0)
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lam = mid.exp()
+            g = lam.squeeze(1) * torch.sqrt((fr * (rows / (1 + lam * fr)).pow(2)).sum(dim=1)) - ts
+            up = (g > 0).unsqueeze(1)
+            hi = torch.where(up, mid, hi)
+            lo = torch.where(up, lo, mid)
+        u = rows / (1 + ((lo + hi) / 2).exp() * fr)
+        u[zero] = 0
+        return u.reshape(d.shape)
+
+
 def make_penalty(
     name: str,
     inherited: Mapping[str, nn.Parameter],
@@ -267,11 +445,17 @@ def make_penalty(
     alpha: float,
     beta: float,
     fisher: Mapping[str, Tensor] | None = None,
+    variant: str = "smooth",
+    eps: float = 1e-3,
 ) -> Penalty:
     """Build the registered penalty ``name``. Build it before the first optimizer step:
-    the reference ``w0`` is the parameters' value at that moment."""
+    the reference ``w0`` is the parameters' value at that moment. ``variant`` and ``eps``
+    concern the non-smooth penalties only (see :class:`NonSmoothSP`)."""
     try:
         cls = PENALTIES[name]
     except KeyError:
         raise ValueError(f"unknown penalty {name!r} (known: {sorted(PENALTIES)})") from None
-    return cls(inherited, head, alpha=alpha, beta=beta, fisher=fisher if cls.uses_fisher else None)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+    kwargs = {"variant": variant, "eps": eps} if issubclass(cls, NonSmoothSP) else {}
+    return cls(inherited, head, alpha=alpha, beta=beta, fisher=fisher if cls.uses_fisher else None, **kwargs)

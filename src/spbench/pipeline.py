@@ -180,7 +180,16 @@ def finetune_run(
             raise ValueError(f"penalty {spec.penalty!r} needs the source's Fisher file")
         raw, fisher_meta = load_fisher(fisher_path)
         fisher = normalize_fisher({n: raw[n].to(dev) for n in inherited}, config["fisher"]["normalize"])
-    penalty = make_penalty(spec.penalty, inherited, head, alpha=spec.alpha, beta=spec.beta, fisher=fisher).to(dev)
+    penalty = make_penalty(
+        spec.penalty,
+        inherited,
+        head,
+        alpha=spec.alpha,
+        beta=spec.beta,
+        fisher=fisher,
+        variant=ft["nonsmooth"],
+        eps=ft["epsilon"],
+    ).to(dev)
     log.info("run %s (seed %d): %s; %d frozen tensors", spec.key, spec.seed, penalty.describe(), len(frozen))
 
     x, y = target.x["train"].to(dev), target.y["train"].to(dev)
@@ -219,6 +228,8 @@ def finetune_run(
         "seed": spec.seed,
         "arch": info["arch"],
         "sp_scope": ft["sp_scope"],
+        "penalty_variant": describe.get("variant", ""),
+        "epsilon": describe.get("eps", 0.0),
         "bn_mode": ft["bn_mode"],
         "fisher_estimator": fisher_meta.get("estimator", ""),
         "fisher_normalize": config["fisher"]["normalize"] if fisher is not None else "",

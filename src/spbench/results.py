@@ -47,6 +47,8 @@ SCHEMA = pa.schema(
         # how the penalty and training were set up
         ("arch", pa.string()),
         ("sp_scope", pa.string()),
+        ("penalty_variant", pa.string()),  # smooth | prox for l1_sp, gl_sp, gl_sp_fisher; "" otherwise
+        ("epsilon", pa.float64()),  # smoothing in effect (0 when exact)
         ("bn_mode", pa.string()),
         ("fisher_estimator", pa.string()),
         ("fisher_normalize", pa.string()),

@@ -142,7 +142,8 @@ def train_steps(
     log_every: int = 50,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainHistory:
-    """SGD with momentum on J(w) + Ω(w); Ω enters through ``penalty.add_grad_()``."""
+    """SGD with momentum on J(w) + Ω(w); Ω enters through ``penalty.add_grad_()`` (and, for
+    the proximal variants, ``penalty.prox_(lr)`` after each step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
@@ -158,6 +159,7 @@ def train_steps(
         loss.backward()
         penalty.add_grad_()
         opt.step()
+        penalty.prox_(rate)  # proximal variants only: forward-backward splitting
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss is {value} at step {step} (learning rate or α too large?)")
