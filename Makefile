@@ -25,4 +25,5 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint
 
 clean:
-	rm -rf results data reports/*.md reports/*.csv reports/*.png logs .snakemake
+	rm -rf results data logs .snakemake
+	find reports -maxdepth 1 -type f ! -name README.md -delete

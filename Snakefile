@@ -1,6 +1,7 @@
 # spbench: regularised fine-tuning, from data to the paper's tables.
 # The pipeline, in order: prepare tasks -> source networks -> Fisher information ->
-# tracking store -> one fine-tune per grid point -> runs.parquet -> tables and figures.
+# tracking store -> fine-tunes (model selection on training folds, then the test-set runs
+# of the grid and the figures) -> runs.parquet -> analyses -> tables and figures.
 # Every key of the config is validated (rules/common.smk) before any job starts.
 from snakemake.utils import min_version
 
@@ -16,7 +17,9 @@ include: "rules/source.smk"
 include: "rules/fisher.smk"
 include: "rules/tracking.smk"
 include: "rules/finetune.smk"
+include: "rules/selection.smk"
 include: "rules/aggregate.smk"
+include: "rules/analysis.smk"
 include: "rules/report.smk"
 
 

@@ -89,8 +89,8 @@ class CpuPeak:
     /proc/self/clear_refs. Else psutil: RSS sampled by a thread every 0.5 ms (may miss short
     peaks). Else ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` growth (the process peak
     cannot be reset: a lower bound, 0 once an earlier region went higher). Before each region
-    the garbage collector runs and glibc's free heap is returned (``malloc_trim``), so that
-    memory kept by the allocator from earlier steps does not hide new allocations.
+    glibc's free heap is returned to the system (``malloc_trim``), so that memory kept by the
+    allocator from earlier steps does not hide new allocations.
     """
 
     def __init__(self):
@@ -116,7 +116,7 @@ class CpuPeak:
             return "ru_maxrss"
 
     def describe(self) -> str:
-        trim = " after gc + malloc_trim(0)" if self._libc is not None else " after gc"
+        trim = " (malloc_trim(0) before the step)" if self._libc is not None else ""
         return {
             "vmhwm": "CPU: peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS at the step's start" + trim,
             "psutil": "CPU: peak RSS sampled by psutil every 0.5 ms minus RSS at the step's start" + trim + " (may miss short peaks)",
@@ -139,7 +139,6 @@ class CpuPeak:
         return psutil.Process().memory_info().rss
 
     def measure(self, fn: Callable[[], None]) -> int:
-        gc.collect()
         if self._libc is not None:
             self._libc.malloc_trim(0)
         if self.method == "vmhwm":
@@ -199,7 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--channels", type=int, default=None, help="input channels (default 3; 1 with --quick)")
     ap.add_argument("--classes", type=int, default=100, help="classes of the head (default 100)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 4 on CPU, 32 on CUDA, 8 with --quick)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant and repeat (default 3; 2 with --quick)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant and repeat (default 3; 1 with --quick)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats (default 3; 2 with --quick)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before timing (default 1)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -218,7 +217,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.image_size = args.image_size or (16 if q else 224)
     args.channels = args.channels or (1 if q else 3)
     args.batch = args.batch or (8 if q else 32 if args.device == "cuda" else 4)
-    args.steps = args.steps or (2 if q else 3)
+    args.steps = args.steps or (1 if q else 3)
     args.repeats = args.repeats or (2 if q else 3)
     if min(args.batch, args.steps, args.repeats) < 1 or args.warmup < 0:
         ap.error("--batch, --steps, --repeats must be >= 1 and --warmup >= 0")
@@ -334,6 +333,7 @@ def run(args: argparse.Namespace) -> dict:
         cpu_peak = CpuPeak()
         mem_method = cpu_peak.describe() + "; one step per variant in a separate pass after the timing"
         memory = {}
+        gc.collect()
         for n in names:
             opt.zero_grad(set_to_none=True)
             memory[n] = cpu_peak.measure(lambda: step(n))
@@ -372,6 +372,7 @@ def run(args: argparse.Namespace) -> dict:
     by = {row["variant"]: row for row in rows}
     l2sp_over, base_over = by["l2_sp"]["overhead_ms"], by[BASELINE]["overhead_ms"]
     ratio = base_over / l2sp_over if l2sp_over > 0 else None
+    pen_ratio = by[BASELINE]["penalty_only_ms"] / by["l2_sp"]["penalty_only_ms"]
     return {
         "benchmark": "penalty_overhead",
         "device": str(device),
@@ -400,6 +401,7 @@ def run(args: argparse.Namespace) -> dict:
         "overhead": "median over repeats of (variant - none) per-repeat median step time, in % of none's median step",
         "none_step_ms": none_ms,
         "baseline_over_l2_sp_overhead": ratio,
+        "baseline_over_l2_sp_penalty_only": pen_ratio,
         "wall_s": time.perf_counter() - t_start,
         "rows": rows,
     }
@@ -429,7 +431,9 @@ def print_table(res: dict) -> None:
     print("penalty ms = add_grad_() alone (+ prox_() alone for /prox rows); for the baseline, its loss term + backward alone.")
     print(f"{BASELINE}: sum((w - w0[name]).pow(2).sum()) over model.named_parameters(), w0 in a dict, * alpha/2, "
           f"+ beta/2 * head, added to the loss (autograd).")
-    print("baseline overhead / l2_sp overhead: " + ("n/a (l2_sp overhead <= 0, within noise)" if r is None else f"{r:.2f}"))
+    print("baseline overhead / l2_sp overhead: " + ("n/a (l2_sp overhead <= 0, within noise)" if r is None else f"{r:.2f}")
+          + "  (unstable when l2_sp's overhead is within the noise: compare the ranges above)")
+    print(f"baseline penalty-only / l2_sp penalty-only: {res['baseline_over_l2_sp_penalty_only']:.2f}")
     print(f"wall time {res['wall_s']:.1f} s")
 
 

@@ -7,7 +7,7 @@ localrules:
 
 rule aggregate:
     input:
-        records=all_records(),
+        records=all_records,
     output:
         parquet=f"{RESULTS}/runs.parquet",
     log:

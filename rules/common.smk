@@ -1,4 +1,5 @@
 # Config validation and small path helpers; the logic lives in the spbench library.
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ sys.path.insert(0, _SRC)
 # (PYTHONPATH is optional, so it is extended, not asserted with `envvars:`.)
 os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
 
-from spbench.config import ConfigError, RunSpec, expand_runs, fmt_num, validate_config
+from spbench.config import ConfigError, RunSpec, expand_runs, main_runs, selection_runs, validate_config
 from spbench.penalties import PENALTIES
 
 try:
@@ -22,7 +23,9 @@ config.update(_validated)
 RESULTS = config["results"]
 DATA = config["data_dir"]
 REPORTS = config["reports"]
-RUN_PATTERN = "{source}/{target}/{penalty}/a{alpha}_b{beta}/freeze{freeze}/rep{replicate}"
+RUN_PATTERN = (
+    "{experiment}/{source}/{target}/{penalty}/a{alpha}_b{beta}_lr{lr}/freeze{freeze}/{evaluation}/rep{replicate}"
+)
 
 
 wildcard_constraints:
@@ -32,6 +35,9 @@ wildcard_constraints:
     penalty=r"[A-Za-z0-9_]+",
     alpha=r"[0-9][0-9.e+-]*",
     beta=r"[0-9][0-9.e+-]*",
+    lr=r"[0-9][0-9.e+-]*",
+    experiment=r"main|select|alpha_beta|freeze",
+    evaluation=r"test|val\d+",
     freeze=r"\d+",
     replicate=r"\d+",
 
@@ -55,18 +61,44 @@ def get_source_task_files(wildcards):
 
 
 def get_run_spec(wildcards):
-    spec = RunSpec(
-        wildcards.source,
-        wildcards.target,
-        wildcards.penalty,
-        float(wildcards.alpha),
-        float(wildcards.beta),
-        int(wildcards.freeze),
-        int(wildcards.replicate),
-    )
+    w = wildcards
+    try:
+        spec = RunSpec(
+            w.source, w.target, w.penalty, float(w.alpha), float(w.beta), int(w.freeze), int(w.replicate),
+            lr=float(w.lr), evaluation=w.evaluation, experiment=w.experiment,
+        )
+    except ValueError as err:
+        raise WorkflowError(f"bad run path: {err}") from None
     if spec.penalty not in PENALTIES:
         raise WorkflowError(f"unknown penalty {spec.penalty!r} in a requested path")
     return spec
+
+
+def choose_setting(source, target, penalty):
+    """The (α, β, lr) chosen by model selection (waits for the select_setting checkpoint)."""
+    path = checkpoints.select_setting.get(source=source, target=target, penalty=penalty).output.selection
+    chosen = json.loads(Path(path).read_text())["selected"]
+    return chosen["alpha"], chosen["beta"], chosen["lr"]
+
+
+def get_selection_records(wildcards):
+    return [
+        record_path(spec)
+        for spec in selection_runs(config)
+        if (spec.source, spec.target, spec.penalty) == (wildcards.source, wildcards.target, wildcards.penalty)
+    ]
+
+
+def get_finetuned_models(wildcards):
+    """Fig. 4: the fine-tuned classifiers of replicate 0 of the main grid, per penalty."""
+    fig = config["figures"]["activations"]
+    out = {}
+    for penalty in fig["penalties"]:
+        runs = [s for s in main_runs(config, choose_setting) if (s.source, s.target, s.penalty, s.freeze, s.replicate)
+                == (wildcards.source, fig["target"], penalty, 0, 0)]
+        for spec in runs:
+            out[f"{penalty}:{spec.alpha}:{spec.beta}:{spec.lr}"] = f"{RESULTS}/runs/{spec.key}/model.pt"
+    return out
 
 
 def get_fisher_input(wildcards):
@@ -79,13 +111,46 @@ def record_path(spec):
     return f"{RESULTS}/runs/{spec.key}/record.json"
 
 
-def all_records():
-    return [record_path(spec) for spec in expand_runs(config)]
+def all_records(wildcards):
+    return [record_path(spec) for spec in expand_runs(config, choose_setting)]
 
 
-def final_outputs():
-    return [f"{RESULTS}/runs.parquet", *report_files()]
+def analysis_tables():
+    figures = config.get("figures", {})
+    out = {}
+    if "activations" in figures:
+        out["r2"] = f"{RESULTS}/activations.parquet"
+    if "overhead" in figures:
+        out["overhead"] = f"{RESULTS}/overhead.parquet"
+    return out
+
+
+def report_names():
+    """(tables, figures) that the config asks for; each table comes as .md, .tex, .html and
+    .csv, each figure as .png and .pdf."""
+    figures = config.get("figures", {})
+    tables = ["table2", "table3"]
+    if "l2" in config["grid"]["penalties"] and len(config["grid"]["penalties"]) > 1:
+        tables.append("paired")  # every setting against l2, paired by replicate
+    if "selection" in config:
+        tables.append("selection")
+    if "overhead" in figures:
+        tables.append("overhead")
+    figs = ["fig2"]
+    figs += [name for key, name in (("alpha_beta", "fig1"), ("freeze", "fig3"), ("activations", "fig4")) if key in figures]
+    return tables, figs
 
 
 def report_files():
-    return [f"{REPORTS}/{name}" for name in ("table2.md", "table3.md", "table2.csv", "table3.csv", "fig2.png")]
+    tables, figs = report_names()
+    return [f"{REPORTS}/{t}.{ext}" for t in tables for ext in ("md", "tex", "html", "csv")] + [
+        f"{REPORTS}/{f}.{ext}" for f in figs for ext in ("png", "pdf")
+    ]
+
+
+def final_outputs():
+    return [f"{RESULTS}/runs.parquet", *analysis_tables().values(), *report_files()]
+
+
+def category(path):
+    return "Figures" if path.endswith(".png") else "Tables"

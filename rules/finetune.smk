@@ -1,5 +1,6 @@
-# One fine-tune per (source, target, penalty, alpha, beta, freeze depth, replicate); the output
-# path spells the run's identity, and the run's seed is derived from it.
+# One fine-tune per (experiment, source, target, penalty, alpha, beta, lr, freeze depth,
+# evaluation, replicate); the output path spells the run's identity, and the run's seed is
+# derived from it. The fine-tuned classifier is kept only while a later job needs it (Fig. 4).
 
 
 rule finetune:
@@ -14,6 +15,7 @@ rule finetune:
         tracking=f"{RESULTS}/tracking.json",
     output:
         record=f"{RESULTS}/runs/{RUN_PATTERN}/record.json",
+        model=temp(f"{RESULTS}/runs/{RUN_PATTERN}/model.pt"),
     log:
         f"logs/finetune/{RUN_PATTERN}.log",
     params:

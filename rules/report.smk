@@ -1,4 +1,5 @@
-# Tables and figures: pure functions of runs.parquet (no training is rerun).
+# Tables and figures: pure functions of runs.parquet (and the analysis tables); no training
+# is rerun. `snakemake --report report.html` collects them with their captions.
 
 
 localrules:
@@ -7,9 +8,14 @@ localrules:
 
 rule report:
     input:
-        parquet=f"{RESULTS}/runs.parquet",
+        unpack(lambda wildcards: {"parquet": f"{RESULTS}/runs.parquet", **analysis_tables()}),
     output:
-        report_files(),
+        [
+            report(path, caption=f"../reports/captions/{Path(path).stem}.rst", category=category(path))
+            if path.endswith((".png", ".html"))
+            else path
+            for path in report_files()
+        ],
     log:
         "logs/report.log",
     params:

@@ -1,7 +1,8 @@
-"""Tables and figures from the run table (spbench.reports), on a small committed fixture.
+"""Tables and figures from the run table (spbench.reports), on small committed fixtures.
 
-The golden Markdown files live in tests/fixtures/expected/. After an intended change to the
-tables, rewrite them with
+The fixtures (tests/fixtures/*.parquet) are written by tests/fixtures/make_runs_small.py. The
+golden files live in tests/fixtures/expected/. After an intended change to the tables,
+rewrite them with
 
     SPBENCH_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/test_reports.py
 
@@ -11,28 +12,53 @@ and review the diff before committing.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
+import re
 import statistics
+import subprocess
+import sys
 from collections import defaultdict
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from scipy import stats
 
 from spbench import reports
-from spbench.results import read_parquet
+from spbench.results import OVERHEAD_SCHEMA, R2_SCHEMA, SchemaError, read_parquet
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RUNS_SMALL = FIXTURES / "runs_small.parquet"
+R2_SMALL = FIXTURES / "r2_small.parquet"
+OVERHEAD_SMALL = FIXTURES / "overhead_small.parquet"
 EXPECTED = FIXTURES / "expected"
 REGEN = os.environ.get("SPBENCH_REGEN_GOLDEN") == "1"
 REGEN_HINT = (
     "if the change is intended, regenerate the golden files with "
     "`SPBENCH_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/test_reports.py` and review the diff"
 )
-PENALTIES = ["none", "l2", "l2_sp", "l2_sp_fisher"]
+PENALTIES = ["none", "l2", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher"]
+K5, K10 = "digits-mod3-k5", "digits-mod3-k10"
+SETTING = ("penalty", "alpha", "beta", "lr")
+KEY = ("source", "target", *SETTING)
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("make_runs_small", FIXTURES / "make_runs_small.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return _load_generator()
 
 
 @pytest.fixture(scope="module")
@@ -40,29 +66,159 @@ def runs() -> pd.DataFrame:
     return read_parquet(RUNS_SMALL)
 
 
-def _brute_force(runs: pd.DataFrame, column: str) -> dict[tuple, list[float]]:
-    """Values of ``column`` per (source, target, penalty, alpha, beta), freeze == 0, by a plain loop."""
-    groups: dict[tuple, list[float]] = defaultdict(list)
-    for row in runs.to_dict("records"):
-        if row["freeze"] == 0:
-            groups[(row["source"], row["target"], row["penalty"], row["alpha"], row["beta"])].append(row[column])
-    return groups
+@pytest.fixture(scope="module")
+def r2() -> pd.DataFrame:
+    return pq.read_table(R2_SMALL).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def overhead() -> pd.DataFrame:
+    return pq.read_table(OVERHEAD_SMALL).to_pandas()
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row[c] for c in KEY)
 
 
 def _by_cell(frame: pd.DataFrame) -> dict[tuple, dict]:
-    return {tuple(r[c] for c in reports.GROUP): r for r in frame.to_dict("records")}
+    return {_key(r): r for r in frame.to_dict("records")}
 
 
-# --------------------------------------------------------------------------- fixture
+# --------------------------------------------------------------------------- brute force
 
 
-def test_fixture_is_what_its_generator_writes(runs):
-    spec = importlib.util.spec_from_file_location("make_runs_small", FIXTURES / "make_runs_small.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    pd.testing.assert_frame_equal(runs, module.make_runs())
-    assert sorted(runs["penalty"].unique()) == sorted(PENALTIES)
-    assert (runs["freeze"] > 0).sum() > 0
+def _brute_selected(runs: pd.DataFrame) -> dict[tuple, tuple]:
+    """(source, target, penalty) -> selected (penalty, alpha, beta, lr), by plain loops."""
+    scores: dict[tuple, list[float]] = defaultdict(list)
+    for row in runs.to_dict("records"):
+        if row["evaluation"].startswith("val") and row["freeze"] == 0:
+            scores[_key(row)].append(100 * row["test_accuracy"])
+    best: dict[tuple, tuple] = {}
+    for key, values in scores.items():
+        source, target, penalty, alpha, beta, lr = key
+        rank = (round(statistics.mean(values), 9), -alpha, -beta, -lr)
+        group = (source, target, penalty)
+        if group not in best or rank > best[group][0]:
+            best[group] = (rank, (penalty, alpha, beta, lr))
+    return {group: setting for group, (_, setting) in best.items()}
+
+
+def _unique_test_runs(runs: pd.DataFrame, freeze=0) -> list[dict]:
+    """Test runs, each run once (rows differing only in experiment are one run)."""
+    seen, out = set(), []
+    for row in sorted(runs.to_dict("records"), key=lambda r: r.get("experiment") != "main"):
+        if row["evaluation"] != "test" or (freeze is not None and row["freeze"] != freeze):
+            continue
+        ident = (*_key(row), row["freeze"], row["replicate"])
+        if ident not in seen:
+            seen.add(ident)
+            out.append(row)
+    return out
+
+
+def _brute_cells(runs: pd.DataFrame, column: str) -> dict[tuple, list[float]]:
+    """Values of ``column`` per reported cell: main test runs, freeze 0, the selected setting."""
+    chosen = _brute_selected(runs)
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in _unique_test_runs(runs):
+        if row.get("experiment", "main") != "main":
+            continue
+        setting = chosen.get((row["source"], row["target"], row["penalty"]))
+        if setting is not None and setting != tuple(row[c] for c in SETTING):
+            continue
+        groups[_key(row)].append(row[column])
+    return groups
+
+
+def _brute_paired(runs: pd.DataFrame) -> dict[tuple, dict]:
+    """Paired differences to the selected l2 setting, with statistics and scipy."""
+    chosen = _brute_selected(runs)
+    acc: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for row in _unique_test_runs(runs):
+        acc[_key(row)][row["replicate"]] = row["test_accuracy"]
+    out = {}
+    for key, values in acc.items():
+        source, target = key[:2]
+        base = (source, target, *chosen[(source, target, "l2")])
+        if key == base:
+            continue
+        common = sorted(set(values) & set(acc[base]))
+        d = [100 * (values[r] - acc[base][r]) for r in common]
+        n = len(d)
+        sd = statistics.stdev(d) if n > 1 else math.nan
+        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+        out[key] = {"n": n, "delta": statistics.mean(d), "sd": sd, "low": statistics.mean(d) - half,
+                    "high": statistics.mean(d) + half, "base": base[2:]}
+    return out
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def test_fixtures_are_what_the_generator_writes(gen, runs, r2, overhead):
+    pd.testing.assert_frame_equal(runs, gen.make_runs())
+    pd.testing.assert_frame_equal(r2, gen.make_r2())
+    pd.testing.assert_frame_equal(overhead, gen.make_overhead())
+    test = runs[runs["evaluation"] == "test"]
+    assert sorted(test["penalty"].unique()) == sorted(PENALTIES)
+    assert {"val0", "val1"} <= set(runs["evaluation"])
+    assert sorted(test.loc[test["freeze"] > 0, "penalty"].unique()) == ["l2", "l2_sp"]
+    grid = test[(test["penalty"] == "l2_sp") & (test["target"] == K5) & (test["freeze"] == 0)]
+    assert grid["alpha"].nunique() == 3 and grid["beta"].nunique() == 3
+    assert list(r2.columns) == R2_SCHEMA.names and list(overhead.columns) == OVERHEAD_SCHEMA.names
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_selection_matches_brute_force(runs, gen):
+    table = reports.selection_table(runs)
+    scores: dict[tuple, list[float]] = defaultdict(list)
+    folds: dict[tuple, set] = defaultdict(set)
+    for row in runs.to_dict("records"):
+        if row["evaluation"].startswith("val"):
+            scores[_key(row)].append(row["test_accuracy"])
+            folds[_key(row)].add(row["evaluation"])
+    got = _by_cell(table)
+    assert set(got) == set(scores)
+    for key, values in scores.items():
+        assert got[key]["n"] == len(values) == 4 and got[key]["folds"] == len(folds[key]) == 2
+        assert got[key]["mean"] == pytest.approx(100 * statistics.mean(values), rel=1e-12)
+        assert got[key]["std"] == pytest.approx(100 * statistics.stdev(values), rel=1e-9, abs=1e-12)
+    chosen = _brute_selected(runs)
+    selected = table.loc[table["selected"], list(KEY)].itertuples(index=False)
+    marked = {(s, t, p): (p, a, b, lr) for s, t, p, a, b, lr in selected}
+    assert marked == chosen
+    assert table.groupby(["source", "target", "penalty"])["selected"].sum().eq(1).all()
+    # the designed outcome, including the exact tie on k = 10 won by the smaller alpha
+    assert {setting for setting in chosen.values()} == gen.SELECTED
+    tie = table[(table["target"] == gen.TIE_TARGET) & (table["penalty"] == "l2_sp_fisher")]
+    assert tie["mean"].nunique() == 1 and tie.loc[tie["selected"], "alpha"].tolist() == [0.1]
+    chosen_frame = reports.selected_settings(runs)
+    assert list(chosen_frame.columns) == list(KEY)
+    assert {tuple(r) for r in chosen_frame.itertuples(index=False)} == {(*g[:2], *s) for g, s in chosen.items()}
+
+
+def test_selection_ties_go_to_smallest_alpha_then_beta_then_lr(runs):
+    val = runs["evaluation"].str.startswith("val")
+    flat = runs.assign(test_accuracy=np.where(val, 0.5, runs["test_accuracy"]))
+    extra = flat[val & (flat["penalty"] == "l2") & (flat["alpha"] == 0.001)].assign(beta=0.001)
+    chosen = reports.selected_settings(pd.concat([flat, extra], ignore_index=True))
+    l2 = chosen[chosen["penalty"] == "l2"]
+    assert l2[["alpha", "beta", "lr"]].drop_duplicates().values.tolist() == [[0.001, 0.001, 0.005]]
+
+
+def test_selection_never_looks_at_test_runs(runs):
+    test = runs["evaluation"] == "test"
+    scrambled = runs.assign(test_accuracy=np.where(test, 1.0 - runs["test_accuracy"], runs["test_accuracy"]))
+    pd.testing.assert_frame_equal(reports.selection_table(scrambled), reports.selection_table(runs))
+
+
+def test_selection_needs_validation_runs(runs):
+    only_test = runs[runs["evaluation"] == "test"]
+    for build in (reports.selection_table, reports.selected_settings):
+        with pytest.raises(reports.InsufficientDataError, match=r"no validation runs \(evaluation 'val<fold>'"):
+            build(only_test)
 
 
 # --------------------------------------------------------------------------- tables
@@ -70,23 +226,40 @@ def test_fixture_is_what_its_generator_writes(runs):
 
 def test_table2_matches_brute_force(runs):
     t2 = reports.table2(runs)
-    expected = _brute_force(runs, "test_accuracy")
-    assert {"source", "target", "penalty", "alpha", "beta", "n", "mean", "std"} <= set(t2.columns)
+    expected = _brute_cells(runs, "test_accuracy")
+    assert {"source", "target", "penalty", "alpha", "beta", "lr", "n", "mean", "std"} <= set(t2.columns)
     got = _by_cell(t2)
     assert set(got) == set(expected)
     for key, values in expected.items():
         assert got[key]["n"] == len(values) == 3
         assert got[key]["mean"] == pytest.approx(100 * statistics.mean(values), rel=1e-12)
         assert got[key]["std"] == pytest.approx(100 * statistics.stdev(values), rel=1e-9)
-    # the freeze > 0 runs (accuracy ~95 %) are left out
-    assert t2["mean"].max() < 90
+    # one column per penalty: l2_sp's unselected main setting and Fig. 1's grid are left out
+    assert t2.groupby("target")["penalty"].apply(list).map(sorted).tolist() == [sorted(PENALTIES)] * 2
+    # neither validation runs nor frozen runs (all scoring > 85 %) slip in
+    assert t2["mean"].max() < 80
+
+
+def test_table2_paired_columns_match_brute_force(runs):
+    t2 = reports.table2(runs)
+    paired = _brute_paired(runs)
+    for row in t2.to_dict("records"):
+        if row["is_baseline"]:
+            assert row["penalty"] == "l2" and math.isnan(row["delta"])
+            continue
+        want = paired[_key(row)]
+        assert row["delta_n"] == want["n"] == 3
+        assert row["delta"] == pytest.approx(want["delta"], rel=1e-12)
+        assert row["delta_sd"] == pytest.approx(want["sd"], rel=1e-9)
+        assert (row["delta_low"], row["delta_high"]) == pytest.approx((want["low"], want["high"]), rel=1e-9)
+    assert t2["is_baseline"].sum() == 2
 
 
 def test_table3_matches_brute_force(runs):
     t3 = reports.table3(runs)
-    drops = _brute_force(runs, "source_accuracy_drop")
-    source = _brute_force(runs, "source_accuracy")
-    pretrained = _brute_force(runs, "source_accuracy_pretrained")
+    drops = _brute_cells(runs, "source_accuracy_drop")
+    source = _brute_cells(runs, "source_accuracy")
+    pretrained = _brute_cells(runs, "source_accuracy_pretrained")
     got = _by_cell(t3)
     assert set(got) == set(drops)
     for key, values in drops.items():
@@ -98,51 +271,179 @@ def test_table3_matches_brute_force(runs):
     assert (t3["mean"] < 0).all()
 
 
+def test_runs_shared_by_two_experiments_count_once(runs):
+    shared = runs[(runs["experiment"] == "alpha_beta") & (runs["alpha"] == 0.1) & (runs["beta"] == 0.01)]
+    assert len(shared) == 3  # the fixture holds these runs twice: main and alpha_beta
+    t2 = reports.table2(runs)
+    assert t2.loc[(t2["penalty"] == "l2_sp") & (t2["target"] == K5), "n"].tolist() == [3]
+    paired = reports.paired_differences(runs)
+    assert (paired["n"] == 3).all()
+    # without the experiment column (and without the second copy) the tables are the same
+    plain = runs[runs["experiment"] != "alpha_beta"].drop(columns=["experiment"])
+    pd.testing.assert_frame_equal(reports.table2(plain), t2)
+
+
+def test_without_selection_every_setting_is_a_column(runs):
+    main = runs[(runs["experiment"] == "main")]
+    t2 = reports.table2(main)
+    l2_sp = t2[(t2["penalty"] == "l2_sp") & (t2["target"] == K5)]
+    assert l2_sp["alpha"].tolist() == [0.01, 0.1]
+    labels = list(reports.setting_labels(t2).values())
+    assert labels == ["none", "l2", "l2_sp (α=0.01, β=0.01)", "l2_sp (α=0.1, β=0.01)", "l2_sp_fisher",
+                      "l1_sp", "gl_sp", "gl_sp_fisher"]
+    text = reports.render_table2(t2)
+    assert "(Δ reference)" not in text  # one l2 column: the reference needs no mark
+
+
+def test_lr_shows_in_labels_only_when_a_penalty_has_several(runs):
+    main = runs[(runs["experiment"] == "main")]
+    faster = main[main["penalty"] == "l2"].assign(lr=0.02)
+    t2 = reports.table2(pd.concat([main, faster], ignore_index=True))
+    labels = list(reports.setting_labels(t2).values())
+    assert labels[1:3] == ["l2 (α=0.01, β=0.01, lr=0.01)", "l2 (α=0.01, β=0.01, lr=0.02)"]
+    assert labels[3] == "l2_sp (α=0.01, β=0.01)"
+    # the l2 reference is the lr with most replicates, ties to the smallest alpha: both have 3, same alpha
+    base = t2[t2["is_baseline"]]
+    assert base["lr"].tolist() == [0.01, 0.01]
+    assert "(Δ reference)" in reports.render_table2(t2)
+
+
 def test_table_order_penalties_then_others_alphabetically(runs):
-    extra = runs[runs["penalty"] == "l2"].assign(penalty="delta")
-    extra2 = runs[runs["penalty"] == "l2"].assign(penalty="bss")
-    t2 = reports.table2(pd.concat([extra, runs, extra2], ignore_index=True))
+    main = runs[runs["experiment"] == "main"]
+    extra = main[main["penalty"] == "l2"].assign(penalty="delta")
+    extra2 = main[main["penalty"] == "l2"].assign(penalty="bss")
+    t2 = reports.table2(pd.concat([extra, main, extra2], ignore_index=True))
     first_target = t2[t2["target"] == t2["target"].iloc[0]]
-    assert first_target["penalty"].tolist() == ["none", "l2", "l2_sp", "l2_sp", "l2_sp_fisher", "bss", "delta"]
+    assert first_target["penalty"].tolist() == [
+        "none", "l2", "l2_sp", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher", "bss", "delta"
+    ]
     assert first_target["alpha"].tolist()[2:4] == [0.01, 0.1]
     # natural order of targets: k5 before k10
-    assert t2["target"].drop_duplicates().tolist() == ["digits-mod3-k5", "digits-mod3-k10"]
+    assert t2["target"].drop_duplicates().tolist() == [K5, K10]
 
 
 def test_single_replicate_has_nan_std_and_is_marked(runs):
-    keep = ~((runs["penalty"] == "l2") & (runs["target"] == "digits-mod3-k5") & (runs["replicate"] > 0))
+    keep = ~((runs["penalty"] == "none") & (runs["target"] == K5) & (runs["replicate"] > 0))
     t2 = reports.table2(runs[keep])
-    cell = t2[(t2["penalty"] == "l2") & (t2["target"] == "digits-mod3-k5")].iloc[0]
+    cell = t2[(t2["penalty"] == "none") & (t2["target"] == K5)].iloc[0]
     assert cell["n"] == 1 and math.isnan(cell["std"])
+    assert cell["delta_n"] == 1 and math.isnan(cell["delta_low"])
     text = reports.render_table2_markdown(t2)
-    assert f"{cell['mean']:.2f} ± n/a (n=1)" in text
+    assert f"{cell['mean']:.2f} ± n/a (n=1)  (Δ {cell['delta']:+.2f})" in text
     assert "up to 3 replicates" in text
 
 
 def test_missing_cell_renders_as_dash(runs):
-    keep = ~((runs["penalty"] == "l2_sp_fisher") & (runs["target"] == "digits-mod3-k10"))
+    keep = ~((runs["penalty"] == "gl_sp_fisher") & (runs["target"] == K10))
     text = reports.render_table2_markdown(reports.table2(runs[keep]))
-    k10 = next(line for line in text.splitlines() if "digits-mod3-k10" in line)
+    k10 = next(line for line in text.splitlines() if K10 in line)
     assert k10.rstrip(" |").endswith("—")
 
 
-def test_setting_labels(runs):
-    labels = list(reports.setting_labels(reports.table2(runs)).values())
-    assert labels == ["none", "l2", "l2_sp (α=0.01, β=0.01)", "l2_sp (α=0.1, β=0.01)", "l2_sp_fisher"]
+def test_selected_setting_without_test_runs_leaves_the_cell_empty(runs, caplog):
+    keep = ~((runs["penalty"] == "l2_sp") & (runs["alpha"] == 0.1) & (runs["evaluation"] == "test"))
+    with caplog.at_level(logging.WARNING, logger="spbench.reports"):
+        t2 = reports.table2(runs[keep])
+    assert "l2_sp" not in set(t2["penalty"])
+    assert "no test runs of the selected setting" in caplog.text
+
+
+# --------------------------------------------------------------------------- paired differences
+
+
+def test_paired_differences_match_brute_force(runs):
+    paired = reports.paired_differences(runs)
+    expected = _brute_paired(runs)
+    got = _by_cell(paired)
+    assert set(got) == set(expected)
+    # every other setting: l2_sp's whole grid on k = 5 included
+    assert len(paired[(paired["target"] == K5) & (paired["penalty"] == "l2_sp")]) == 9
+    for key, want in expected.items():
+        row = got[key]
+        assert row["n"] == want["n"]
+        assert row["delta"] == pytest.approx(want["delta"], rel=1e-12)
+        assert row["sd"] == pytest.approx(want["sd"], rel=1e-9)
+        assert row["ci_low"] == pytest.approx(want["low"], rel=1e-9)
+        assert row["ci_high"] == pytest.approx(want["high"], rel=1e-9)
+        base = (row["baseline_penalty"], row["baseline_alpha"], row["baseline_beta"], row["baseline_lr"])
+        assert base == want["base"]
+    assert set(paired["baseline_rule"]) == {"selected on validation folds"}
+
+
+def test_paired_baseline_without_validation_is_the_l2_setting_with_most_replicates(runs):
+    test = runs[runs["evaluation"] == "test"]
+    l2 = test[(test["penalty"] == "l2") & (test["freeze"] == 0)]
+    fewer = l2[l2["replicate"] < 2].assign(alpha=0.001)  # 2 replicates, smaller alpha
+    more = l2.assign(alpha=0.1)  # 3 replicates, like the original; ties go to the smaller alpha (0.01)
+    paired = reports.paired_differences(pd.concat([test, fewer, more], ignore_index=True))
+    assert set(paired["baseline_alpha"]) == {0.01} and set(paired["baseline_rule"]) == {"most replicates"}
+    against_fewer = paired[(paired["penalty"] == "l2") & (paired["alpha"] == 0.001)]
+    assert against_fewer["n"].tolist() == [2, 2]
+
+
+def test_paired_single_common_replicate_has_no_interval(runs):
+    test = runs[runs["evaluation"] == "test"]
+    keep = ~((test["penalty"] == "none") & (test["replicate"] > 0))
+    paired = reports.paired_differences(test[keep])
+    row = paired[paired["penalty"] == "none"].iloc[0]
+    assert row["n"] == 1 and math.isnan(row["sd"]) and math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
+    assert "| n/a |" in reports.render_paired(paired).replace("  ", " ").replace("  ", " ")
+
+
+def test_paired_needs_the_baseline(runs):
+    with pytest.raises(reports.InsufficientDataError, match=r"baseline penalty 'l2'"):
+        reports.paired_differences(runs[runs["penalty"] != "l2"])
+    t2 = reports.table2(runs[runs["penalty"] != "l2"])
+    assert "delta" not in t2.columns
+    assert "Δ" not in reports.render_table2(t2)
+
+
+# --------------------------------------------------------------------------- paper numbers
+
+
+def test_paper_numbers_are_the_specification(runs):
+    spec = {"mit-indoor-67": (79.6, 84.2, 84.0), "stanford-dogs-120": (81.4, 85.1, 85.1),
+            "caltech256-30": (81.5, 83.5, 83.3), "caltech256-60": (85.3, 86.4, 86.0)}
+    got = {t: tuple(v[p][0] for p in ("l2", "l2_sp", "l2_sp_fisher")) for (_, t), v in reports.PAPER_TABLE2.items()}
+    assert got == spec
+    # the paper's caption: Places 365 for MIT Indoors, ImageNet for the others
+    assert {s for (s, t) in reports.PAPER_TABLE2 if t == "mit-indoor-67"} == {"places365"}
+    assert set(reports.PAPER_TABLE2) == set(reports.PAPER_TABLE3)
+    ranges = {p: (min(v[p] for v in reports.PAPER_TABLE3.values()), max(v[p] for v in reports.PAPER_TABLE3.values()))
+              for p in ("l2", "l2_sp", "l2_sp_fisher")}
+    assert ranges == {"l2": (-24.1, -14.1), "l2_sp": (-5.3, -3.6), "l2_sp_fisher": (-4.9, -3.2)}
+
+
+def _as_paper_target(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs.assign(source="imagenet", target=runs["target"].replace({K5: "stanford-dogs-120"}))
+
+
+def test_digits_tables_say_nothing_about_the_paper(runs):
+    for fmt in reports.FORMATS:
+        t2, t3 = reports.render_table2(reports.table2(runs), fmt), reports.render_table3(reports.table3(runs), fmt)
+        for text in (t2, t3):
+            assert "paper" not in text and "Li et al." not in text
+
+
+def test_paper_rows_stand_beside_ours(runs):
+    text = reports.render_table2(reports.table2(_as_paper_target(runs)))
+    lines = text.splitlines()
+    paper = [i for i, line in enumerate(lines) if line.startswith("|") and "(paper)" in line]
+    assert len(paper) == 1 and "stanford-dogs-120" in lines[paper[0] - 1]
+    cells = [c.strip() for c in lines[paper[0]].strip("|").split("|")]
+    assert cells[1:5] == ["stanford-dogs-120 (paper)", "", "81.4 ± 0.2", "85.1 ± 0.2"]
+    assert "Li et al. (2018), Table 2" in lines[0]
+    # the pair the paper does not report (ImageNet -> digits k10) has no paper row
+    assert not any("digits-mod3-k10 (paper)" in line for line in lines)
+    t3 = reports.render_table3(reports.table3(_as_paper_target(runs)))
+    row = next(line for line in t3.splitlines() if line.startswith("|") and "(paper)" in line)
+    assert [c.strip() for c in row.strip("|").split("|")][2:5] == ["76.7", "", "-14.1"]
 
 
 # --------------------------------------------------------------------------- golden
 
 
-@pytest.mark.parametrize(
-    "name, build",
-    [
-        ("table2.md", lambda r: reports.render_table2_markdown(reports.table2(r))),
-        ("table3.md", lambda r: reports.render_table3_markdown(reports.table3(r))),
-    ],
-)
-def test_markdown_matches_golden(runs, name, build):
-    text = build(runs)
+def _golden(name: str, text: str) -> None:
     path = EXPECTED / name
     if REGEN:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,18 +453,116 @@ def test_markdown_matches_golden(runs, name, build):
     assert text == expected, f"rendered {name} differs from {path}; {REGEN_HINT}\n--- got:\n{text}"
 
 
+GOLDEN = [
+    ("table2.md", lambda r, o: reports.render_table2(reports.table2(r), "markdown")),
+    ("table2.tex", lambda r, o: reports.render_table2(reports.table2(r), "latex")),
+    ("table2.html", lambda r, o: reports.render_table2(reports.table2(r), "html")),
+    ("table3.md", lambda r, o: reports.render_table3(reports.table3(r))),
+    ("selection.md", lambda r, o: reports.render_selection(reports.selection_table(r))),
+    ("paired.md", lambda r, o: reports.render_paired(reports.paired_differences(r))),
+    ("overhead.md", lambda r, o: reports.render_overhead(reports.overhead_table(o))),
+    ("table2_paper.md", lambda r, o: reports.render_table2(reports.table2(_as_paper_target(r)))),
+    ("table3_paper.md", lambda r, o: reports.render_table3(reports.table3(_as_paper_target(r)))),
+]
+
+
+@pytest.mark.parametrize("name, build", GOLDEN, ids=[name for name, _ in GOLDEN])
+def test_tables_match_golden(runs, overhead, name, build):
+    _golden(name, build(runs, overhead))
+
+
 def test_markdown_layout(runs):
-    text = reports.render_table2_markdown(reports.table2(runs))
+    t2 = reports.table2(runs)
+    text = reports.render_table2_markdown(t2)
     lines = text.splitlines()
     assert lines[0].startswith("**Table 2.**") and lines[1] == ""
     header = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert header[:2] == ["source", "target"]
-    assert header[2:] == list(reports.setting_labels(runs[runs["freeze"] == 0]).values())
+    assert header == ["source", "target", *PENALTIES]
     assert len(lines) == 4 + 2  # caption, blank, header, rule, one row per target
     assert all(line.count("|") == lines[2].count("|") for line in lines[2:])
+    assert all(set(c.strip()) <= {"-", ":"} and len(c.strip()) >= 3 for c in lines[3].strip("|").split("|"))
 
 
-# --------------------------------------------------------------------------- figure
+def test_latex_is_a_booktabs_tabular(runs, overhead):
+    for text, ncols in [
+        (reports.render_table2(reports.table2(runs), "latex"), 2 + len(PENALTIES)),
+        (reports.render_selection(reports.selection_table(runs), "latex"), 10),
+        (reports.render_overhead(reports.overhead_table(overhead), "latex"), 11),
+    ]:
+        lines = text.splitlines()
+        assert lines[0] == r"\begin{table}[htbp]" and lines[-1] == r"\end{table}"
+        assert r"\caption{" in text and r"\label{tab:" in text
+        spec = next(line for line in lines if line.startswith(r"\begin{tabular}{"))
+        assert len(spec[len(r"\begin{tabular}{"):-1]) == ncols
+        top, mid, bottom = (lines.index(rule) for rule in (r"\toprule", r"\midrule", r"\bottomrule"))
+        assert top < mid < bottom
+        for line in lines[top + 1:bottom]:
+            if line != r"\midrule":
+                assert line.endswith(r" \\") and line.count(" & ") == ncols - 1, line
+        # specials escaped, symbols in math mode: the file compiles with booktabs alone
+        assert not re.search(r"(?<!\\)[%_#]", text)
+        assert not any(ch in text for ch in "±αβΔ—“”")
+        assert r"\_" in text and r"\%" in text
+
+
+class _TableParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.rows: list[list[str]] = []
+        self.caption = ""
+        self._in: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self._in.append(tag)
+        if tag == "tr":
+            self.rows.append([])
+        if tag in ("td", "th"):
+            self.rows[-1].append("")
+
+    def handle_endtag(self, tag):
+        assert self._in and self._in[-1] == tag, (self._in, tag)
+        self._in.pop()
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append(tag)  # <br>
+
+    def handle_data(self, data):
+        if "caption" in self._in:
+            self.caption += data
+        elif self._in and self._in[-1] in ("td", "th"):
+            self.rows[-1][-1] += data
+
+
+def test_html_is_a_table_with_a_caption(runs):
+    text = reports.render_table2(reports.table2(runs), "html")
+    parser = _TableParser()
+    parser.feed(text.replace("<br>", "<br/>"))
+    assert parser.tags[:2] == ["table", "caption"] and not parser._in
+    assert parser.caption.startswith("Table 2. Target test accuracy (%)")
+    assert parser.rows[0] == ["source", "target", *PENALTIES]
+    assert len(parser.rows) == 3 and all(len(r) == 2 + len(PENALTIES) for r in parser.rows)
+    assert parser.rows[1][4].startswith("68.82 ± 0.77(Δ +8.72 [")  # two lines joined by <br>
+
+
+def test_unknown_format_is_refused(runs):
+    with pytest.raises(ValueError, match=r"unknown format 'rst'"):
+        reports.render_table2(reports.table2(runs), "rst")
+
+
+def test_overhead_table(overhead):
+    table = reports.overhead_table(overhead)
+    assert table["penalty"].tolist() == PENALTIES[1:]
+    assert np.allclose(table["flops_percent"], 100 * overhead["flops_ratio"])
+    assert np.allclose(table["time_percent"], 100 * overhead["penalty_seconds"] / overhead["step_seconds"])
+    text = reports.render_overhead(table)
+    assert "torch.utils.flop_counter" in text and "counted analytically" in text
+    assert "ResNet-101" not in text  # the paper's figure only beside a ResNet-101
+    assert "ResNet-101" in reports.render_overhead(reports.overhead_table(overhead.assign(arch="resnet101")))
+
+
+# --------------------------------------------------------------------------- figures
 
 
 def _errorbar_extents(ax) -> set[tuple[float, float]]:
@@ -176,18 +575,54 @@ def _errorbar_extents(ax) -> set[tuple[float, float]]:
     return out
 
 
+def _legend(fig) -> tuple[str, list[str]]:
+    (legend,) = fig.legends
+    return legend.get_title().get_text(), [t.get_text() for t in legend.get_texts()]
+
+
+def test_fig1_draws_the_alpha_beta_grid(runs, gen):
+    fig = reports.fig1(runs)
+    (ax,) = fig.axes
+    assert ax.get_title() == f"l2_sp: digits-src → {K5}"
+    assert ax.get_xlabel() == "β" and ax.get_ylabel() == "test accuracy (%)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "$10^{-3}$", "$10^{-2}$"]
+    title, entries = _legend(fig)
+    assert title == "α" and entries == ["α = $10^{-2}$", "α = $10^{-1}$", "α = 1"]
+    means: dict[float, list[float]] = {}
+    for alpha in gen.GRID_ALPHAS:
+        row = []
+        for beta in gen.GRID_BETAS:
+            cell = [r["test_accuracy"] for r in _unique_test_runs(runs)
+                    if r["penalty"] == "l2_sp" and r["target"] == K5 and r["alpha"] == alpha and r["beta"] == beta]
+            assert len(cell) == 3
+            row.append(round(100 * statistics.mean(cell), 6))
+        means[alpha] = row
+    drawn = [tuple(np.round(line.get_ydata(), 6)) for line in ax.lines
+             if len(line.get_ydata()) == 3 and not np.isnan(np.asarray(line.get_ydata(), float)).any()]
+    assert sorted(drawn) == sorted(tuple(v) for v in means.values())
+    assert len(_errorbar_extents(ax)) == 9  # mean ± sd at every grid point
+
+
+def test_fig1_options_and_errors(runs):
+    fig = reports.fig1(runs, x="alpha")
+    assert fig.axes[0].get_xlabel() == "α" and _legend(fig)[0] == "β"
+    with pytest.raises(reports.InsufficientDataError, match=r"penalty 'l2' with several alpha and several beta"):
+        reports.fig1(runs, penalty="l2")
+    with pytest.raises(reports.InsufficientDataError, match=r"target = 'digits-mod3-k10'"):
+        reports.fig1(runs, target=K10)
+    with pytest.raises(ValueError, match="x must be 'alpha' or 'beta'"):
+        reports.fig1(runs, x="lr")
+
+
 def test_fig2_on_fixture(runs):
     fig = reports.fig2(runs)
     assert len(fig.axes) == 1
     ax = fig.axes[0]
     assert ax.get_xlabel() == "target"
     assert ax.get_ylabel() == "test accuracy (%)"
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["digits-mod3-k5", "digits-mod3-k10"]
-    (legend,) = fig.legends
-    assert legend.get_title().get_text() == "penalty"
-    entries = [t.get_text() for t in legend.get_texts()]
-    assert entries == list(reports.setting_labels(runs[runs["freeze"] == 0]).values())
-    assert {e.split(" ")[0] for e in entries} == set(PENALTIES)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [K5, K10]
+    title, entries = _legend(fig)
+    assert title == "penalty" and entries == PENALTIES
     # error bars are mean ± sample std of the replicates, as in Table 2
     t2 = reports.table2(runs)
     expected = {(round(m - s, 6), round(m + s, 6)) for m, s in zip(t2["mean"], t2["std"])}
@@ -195,37 +630,162 @@ def test_fig2_on_fixture(runs):
 
 
 def test_fig2_one_target_several_sources(runs):
-    one = runs[runs["target"] == "digits-mod3-k5"]
+    one = runs[runs["target"] == K5]
     two = pd.concat([one, one.assign(source="other-src")], ignore_index=True)
     fig = reports.fig2(two)
     assert len(fig.axes) == 2
     assert [ax.get_title() for ax in fig.axes] == ["source: digits-src", "source: other-src"]
     for ax in fig.axes:
         assert ax.get_xlabel() == "target"
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["digits-mod3-k5"]
+        assert [t.get_text() for t in ax.get_xticklabels()] == [K5]
     assert fig.axes[0].get_ylabel() == "test accuracy (%)"
-    assert len(fig.legends[0].get_texts()) == 5
+    assert len(fig.legends[0].get_texts()) == len(PENALTIES)
 
 
-def test_write_reports(runs, tmp_path):
-    out = tmp_path / "reports" / "demo"
-    paths = reports.write_reports(runs, out)
-    assert [p.name for p in paths] == ["table2.md", "table3.md", "table2.csv", "table3.csv", "fig2.png"]
-    for path in paths:
-        assert path.parent == out and path.stat().st_size > 0
-    assert paths[4].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert paths[0].read_text(encoding="utf-8") == reports.render_table2_markdown(reports.table2(runs))
-    back = pd.read_csv(paths[2])
+def _fig3_lines(ax):
+    solid = [line for line in ax.lines if line.get_linestyle() == "-" and len(line.get_xdata()) > 1]
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    return solid, dashed
+
+
+def test_fig3_freeze_depth_with_dashed_unfrozen_levels(runs, gen):
+    fig = reports.fig3(runs)
+    (ax,) = fig.axes
+    assert ax.get_title() == f"digits-src → {K5}"
+    assert ax.get_xlabel() == "frozen up to layer (freeze depth)" and ax.get_ylabel() == "test accuracy (%)"
+    assert list(ax.get_xticks()) == [1, 2, 3]
+    title, entries = _legend(fig)
+    assert title == "penalty" and entries == ["l2", "l2_sp", "no freezing"]
+    solid, dashed = _fig3_lines(ax)
+    assert len(solid) == 2 and len(dashed) == 2
+    t2 = reports.table2(runs)
+    for line, dash, (penalty, alpha, beta) in zip(solid, dashed, gen.FROZEN):
+        assert line.get_color() == dash.get_color()
+        level = t2[(t2["target"] == K5) & (t2["penalty"] == penalty)]
+        assert level["alpha"].tolist() == [alpha]
+        assert dash.get_ydata()[0] == pytest.approx(level["mean"].iloc[0])
+        for depth, y in zip(line.get_xdata(), line.get_ydata()):
+            values = [r["test_accuracy"] for r in _unique_test_runs(runs, freeze=int(depth))
+                      if r["penalty"] == penalty and r["target"] == K5]
+            assert y == pytest.approx(100 * statistics.mean(values))
+
+
+def test_fig3_without_validation_uses_the_frozen_setting(runs):
+    test = runs[runs["evaluation"] == "test"]
+    fig = reports.fig3(test)
+    solid, dashed = _fig3_lines(fig.axes[0])
+    assert len(solid) == 2 and len(dashed) == 2
+    levels = sorted(d.get_ydata()[0] for d in dashed)
+    t2 = reports.table2(runs)
+    assert levels == pytest.approx(sorted(t2.loc[(t2["target"] == K5) & t2["penalty"].isin(["l2", "l2_sp"]), "mean"]))
+
+
+def test_fig3_needs_frozen_runs(runs):
+    message = r"no test runs with freeze > 0 for the penalties \['l2', 'l2_sp'\]"
+    with pytest.raises(reports.InsufficientDataError, match=message):
+        reports.fig3(runs[runs["freeze"] == 0])
+
+
+def test_fig4_boxes_per_layer_and_penalty(r2):
+    fig = reports.fig4(r2)
+    (ax,) = fig.axes
+    boxes = sum(len(c.boxes) for c in ax.containers)
+    assert boxes == r2["layer_index"].nunique() * r2["penalty"].nunique() == 12
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "4"]
+    assert ax.get_xlabel() == "layer (forward order)"
+    low, high = ax.get_ylim()
+    assert low <= r2["r2"].min() < 0 and 1.0 <= high <= 1.05
+    title, entries = _legend(fig)
+    assert title == "penalty" and entries == ["l2", "l2_sp", "l2_sp_fisher"]
+
+
+def test_figures_are_not_managed_by_pyplot(runs):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    reports.fig2(runs)
+    assert plt.get_fignums() == before
+
+
+# --------------------------------------------------------------------------- writing, CLI
+
+TABLES = ["table2", "table3", "selection", "paired", "overhead"]
+FIGURES = ["fig1", "fig2", "fig3", "fig4"]
+ALL_FILES = [f"{t}.{e}" for t in TABLES for e in ("md", "tex", "html", "csv")] + [
+    f"{f}.{e}" for f in FIGURES for e in ("png", "pdf")
+]
+
+
+@pytest.fixture(scope="module")
+def cli_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "reports"
+    rc = reports.main([str(RUNS_SMALL), str(out), "--r2", str(R2_SMALL), "--overhead", str(OVERHEAD_SMALL)])
+    assert rc == 0
+    return out
+
+
+def test_cli_writes_every_table_and_figure(cli_out, runs, capsys):
+    assert sorted(p.name for p in cli_out.iterdir()) == sorted(ALL_FILES)
+    for name in ALL_FILES:
+        assert (cli_out / name).stat().st_size > 0, name
+    for fig in FIGURES:
+        assert (cli_out / f"{fig}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (cli_out / f"{fig}.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (cli_out / "table2.md").read_text(encoding="utf-8") == reports.render_table2(reports.table2(runs))
+    assert (cli_out / "table2.tex").read_text(encoding="utf-8") == (EXPECTED / "table2.tex").read_text(encoding="utf-8")
+    back = pd.read_csv(cli_out / "table2.csv")
     pd.testing.assert_frame_equal(back, reports.table2(runs), check_dtype=False)
+    back = pd.read_csv(cli_out / "selection.csv")
+    pd.testing.assert_frame_equal(back, reports.selection_table(runs), check_dtype=False)
+
+
+def test_cli_help_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "spbench.reports", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0
+    assert "RUNS_PARQUET" in done.stdout and "OUT_DIR" in done.stdout
+    assert "--r2" in done.stdout and "--overhead" in done.stdout
+
+
+def test_cli_refuses_a_table_of_the_wrong_schema(tmp_path, r2):
+    bad = tmp_path / "r2.parquet"
+    pq.write_table(pa.Table.from_pandas(r2.drop(columns=["layer_index"]), preserve_index=False), bad)
+    with pytest.raises(SchemaError, match=r"missing \['layer_index'\]"):
+        reports.main([str(RUNS_SMALL), str(tmp_path / "out"), "--r2", str(bad)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_reports_skips_what_the_data_cannot_support(runs, tmp_path, caplog):
+    main = runs[(runs["experiment"] == "main")]
+    with caplog.at_level(logging.INFO, logger="spbench.reports"):
+        paths = reports.write_reports(main, tmp_path / "out")
+    names = [p.name for p in paths]
+    assert names == [f"{t}.{e}" for t in ("table2", "table3", "paired") for e in ("md", "tex", "html", "csv")] + [
+        "fig2.png", "fig2.pdf"
+    ]
+    assert all(p.parent == tmp_path / "out" for p in paths)
+    for needle in ("skipping selection: selection_table: no validation runs",
+                   "skipping fig1: fig1: no (source, target)",
+                   "skipping fig3: fig3: no test runs with freeze > 0",
+                   "skipping overhead", "skipping fig4"):
+        assert needle in caplog.text, needle
+
+
+def test_write_reports_refuses_empty_and_writes_nothing(runs, tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        reports.write_reports(runs.iloc[0:0], tmp_path / "out")
+    with pytest.raises(reports.InsufficientDataError, match="support no table and no figure"):
+        reports.write_reports(runs.iloc[:1].assign(evaluation="nope"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- errors
 
 
-BUILDERS = [reports.table2, reports.table3, reports.fig2]
+RUN_BUILDERS = [reports.table2, reports.table3, reports.fig2, reports.paired_differences, reports.fig1]
 
 
-@pytest.mark.parametrize("build", BUILDERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("build", [*RUN_BUILDERS, reports.selection_table, reports.fig3], ids=lambda f: f.__name__)
 def test_empty_table_is_refused(runs, build):
     with pytest.raises(ValueError, match="empty"):
         build(runs.iloc[0:0])
@@ -234,19 +794,41 @@ def test_empty_table_is_refused(runs, build):
 @pytest.mark.parametrize("build, column", [
     (reports.table2, "test_accuracy"),
     (reports.table2, "freeze"),
+    (reports.table2, "lr"),
+    (reports.table2, "evaluation"),
     (reports.table3, "source_accuracy_drop"),
     (reports.table3, "source_accuracy_pretrained"),
     (reports.fig2, "penalty"),
+    (reports.selection_table, "evaluation"),
+    (reports.paired_differences, "replicate"),
 ], ids=lambda x: getattr(x, "__name__", x))
 def test_missing_column_is_named(runs, build, column):
     with pytest.raises(ValueError, match=rf"lacks the columns \['{column}'\]"):
         build(runs.drop(columns=[column]))
 
 
-@pytest.mark.parametrize("build", BUILDERS, ids=lambda f: f.__name__)
-def test_no_unfrozen_runs_is_refused(runs, build):
-    with pytest.raises(ValueError, match=r"no runs with freeze == 0 \(freeze depths present: \[1, 2\]\)"):
+@pytest.mark.parametrize("build, frame, column", [
+    (reports.fig4, "r2", "layer_index"),
+    (reports.overhead_table, "overhead", "step_flops"),
+], ids=["fig4", "overhead_table"])
+def test_analysis_tables_name_missing_columns(request, build, frame, column):
+    data = request.getfixturevalue(frame)
+    with pytest.raises(ValueError, match=rf"lacks the columns \['{column}'\]"):
+        build(data.drop(columns=[column]))
+
+
+@pytest.mark.parametrize("build", RUN_BUILDERS, ids=lambda f: f.__name__)
+def test_no_unfrozen_test_runs_is_refused(runs, build):
+    message = r"no test runs with freeze == 0 \(freeze depths present: \[1, 2, 3\]\)"
+    with pytest.raises(reports.InsufficientDataError, match=message):
         build(runs[runs["freeze"] > 0])
+
+
+@pytest.mark.parametrize("build", [*RUN_BUILDERS, reports.fig3], ids=lambda f: f.__name__)
+def test_no_test_runs_is_refused(runs, build):
+    message = r"no runs with evaluation == 'test' \(evaluations present: \['val0', 'val1'\]\)"
+    with pytest.raises(reports.InsufficientDataError, match=message):
+        build(runs[runs["evaluation"] != "test"])
 
 
 def test_duplicate_runs_are_refused(runs):
@@ -259,12 +841,16 @@ def test_not_a_frame_is_refused(runs):
         reports.table2(runs.to_dict("records"))
 
 
-def test_write_reports_refuses_empty_and_writes_nothing(runs, tmp_path):
-    with pytest.raises(ValueError, match="empty"):
-        reports.write_reports(runs.iloc[0:0], tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_render_markdown_needs_table_columns(runs):
+def test_render_needs_table_columns(runs):
     with pytest.raises(ValueError, match=r"lacks the columns \['n', 'mean', 'std'\]"):
         reports.render_table2_markdown(runs)
+    with pytest.raises(ValueError, match=r"lacks the columns \['n', 'folds', 'mean', 'std', 'selected'\]"):
+        reports.render_selection(runs)
+
+
+def test_public_api_is_explicit():
+    assert len(reports.__all__) == len(set(reports.__all__))
+    for name in reports.__all__:
+        obj = getattr(reports, name)
+        if callable(obj) and not isinstance(obj, type):
+            assert obj.__doc__, name

@@ -45,9 +45,11 @@ def tiny_config() -> dict:
 
 
 def expected_runs() -> int:
-    grid = tiny_config()["grid"]
-    per = sum(len(s.get("alpha", [0])) * len(s.get("beta", [0])) for s in grid["penalties"].values())
-    return per * len(grid["sources"]) * len(grid["targets"]) * grid["replicates"] * len(grid.get("freeze", [0]))
+    from spbench.config import candidates, expand_runs, validate_config
+
+    config = validate_config(tiny_config())
+    # the count does not depend on which candidate selection picks
+    return len(expand_runs(config, lambda s, t, p: candidates(config, p)[0]))
 
 
 def test_parquet_holds_every_run(finished_workflow):
@@ -56,6 +58,17 @@ def test_parquet_holds_every_run(finished_workflow):
     assert list(runs.columns) == [f.name for f in SCHEMA]
     assert len(runs) == expected_runs()
     assert set(runs["penalty"]) == set(tiny_config()["grid"]["penalties"])
+    assert set(runs["experiment"]) == {"main", "select", "alpha_beta", "freeze"}
+    assert set(runs.loc[runs["experiment"] == "select", "evaluation"]) == {"val0"}
+    # the test-set runs of a selected penalty use the setting its selection file names
+    for path in (finished_workflow / "results" / "selection").rglob("*.json"):
+        chosen = json.loads(path.read_text())
+        main = runs[(runs["experiment"] == "main") & (runs["penalty"] == chosen["penalty"]) & (runs["target"] == chosen["target"])]
+        assert len(main) == tiny_config()["grid"]["replicates"]
+        assert set(main["alpha"]) == {chosen["selected"]["alpha"]}
+        val = runs[(runs["experiment"] == "select") & (runs["penalty"] == chosen["penalty"])]
+        best = val.sort_values(["test_accuracy", "alpha"], ascending=[False, True]).iloc[0]
+        assert chosen["selected"]["alpha"] == best["alpha"]
     assert runs["test_accuracy"].between(0, 1).all()
     assert runs["run_key"].is_unique
     for row in runs.itertuples():
@@ -91,21 +104,24 @@ def test_mlflow_has_one_run_per_record(finished_workflow):
 
 
 def test_reports_are_written(finished_workflow):
-    """Table 2, Table 3 and Fig. 2 come out of the Parquet."""
+    """Every table (md, tex, html, csv) and figure (png, pdf) the config asks for comes out."""
     reports = finished_workflow / "reports"
-    for name in ("table2.md", "table3.md", "table2.csv", "table3.csv", "fig2.png"):
-        assert (reports / name).stat().st_size > 0, name
+    for table in ("table2", "table3", "selection", "overhead"):
+        for ext in ("md", "tex", "html", "csv"):
+            assert (reports / f"{table}.{ext}").stat().st_size > 0, f"{table}.{ext}"
+    for fig in ("fig1", "fig2", "fig3", "fig4"):
+        assert (reports / f"{fig}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (reports / f"{fig}.pdf").read_bytes()[:5] == b"%PDF-"
     table2 = (reports / "table2.md").read_text()
     for penalty in tiny_config()["grid"]["penalties"]:
         assert penalty in table2
-    assert (reports / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_rerun_reproduces_record_without_duplicate_tracking(finished_workflow):
     """A deleted record is recomputed identically (cost fields aside) and MLflow keeps one run
     per identity; afterwards the workflow has nothing left to do."""
     runs = read_parquet(finished_workflow / "results" / "runs.parquet")
-    key = runs.loc[runs["penalty"] == "l2_sp_fisher", "run_key"].iloc[0]
+    key = runs.loc[(runs["penalty"] == "l2_sp_fisher") & (runs["experiment"] == "main"), "run_key"].iloc[0]
     path = finished_workflow / "results" / "runs" / key / "record.json"
     before = read_record(path)
     path.unlink()

@@ -7,7 +7,10 @@ from spbench.tracking import log_run
 
 setup_logging(snakemake.log[0])
 w = snakemake.wildcards
-spec = RunSpec(w.source, w.target, w.penalty, float(w.alpha), float(w.beta), int(w.freeze), int(w.replicate))
+spec = RunSpec(
+    w.source, w.target, w.penalty, float(w.alpha), float(w.beta), int(w.freeze), int(w.replicate),
+    lr=float(w.lr), evaluation=w.evaluation, experiment=w.experiment,
+)
 if spec.key != snakemake.params.run_key or not snakemake.output.record.endswith(f"{spec.key}/record.json"):
     raise ValueError(f"non-canonical run path {snakemake.output.record}: expected .../{spec.key}/record.json")
 record, curve = finetune_run(
@@ -19,6 +22,7 @@ record, curve = finetune_run(
     source_dir=Path(snakemake.input.source).parent,
     fisher_path=snakemake.input.fisher or None,
     record_out=snakemake.output.record,
+    model_out=snakemake.output.model,
 )
 tracking = snakemake.config["tracking"]
 log_run(tracking["uri"], tracking["experiment"], record, run_config(snakemake.config, spec), curve, timeout_s=tracking["timeout_s"])

@@ -1,7 +1,20 @@
-"""Rule report: tables and figures from runs.parquet alone."""
+"""Rule report: every table and figure from runs.parquet (and the analysis tables) alone."""
+from pathlib import Path
+
 from spbench.pipeline import setup_logging
-from spbench.reports import write_reports
-from spbench.results import read_parquet
+from spbench.reports import main
 
 setup_logging(snakemake.log[0])
-write_reports(read_parquet(snakemake.input.parquet), snakemake.params.out_dir)
+args = [snakemake.input.parquet, str(snakemake.params.out_dir)]
+for key in ("r2", "overhead"):
+    if key in snakemake.input.keys():
+        args += [f"--{key}", snakemake.input[key]]
+figures = snakemake.config.get("figures", {})
+if "alpha_beta" in figures:
+    args += ["--fig1-penalty", figures["alpha_beta"]["penalty"], "--fig1-target", figures["alpha_beta"]["target"]]
+if "freeze" in figures:
+    args += ["--fig3-penalties", ",".join(figures["freeze"]["penalties"])]
+main(args)
+missing = [p for p in snakemake.output if not Path(p).exists()]
+if missing:
+    raise RuntimeError(f"the report builders did not write {missing}")

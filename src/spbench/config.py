@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-from dataclasses import dataclass
+import re
+from dataclasses import KW_ONLY, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -27,6 +28,13 @@ __all__ = [
     "load_config",
     "validate_config",
     "expand_runs",
+    "candidates",
+    "needs_selection",
+    "selection_runs",
+    "main_runs",
+    "figure_runs",
+    "final_settings",
+    "EXPERIMENTS",
     "fmt_num",
     "derive_seed",
 ]
@@ -49,8 +57,20 @@ DEFAULTS: dict[str, Any] = {
         "epsilon": 1e-3,
         "eval_batch_size": 512,
         "threads": 1,
+        "device": "auto",
     },
     "grid": {"freeze": [0]},
+}
+
+#: Defaults inside optional sections, applied only when the section is present.
+SECTION_DEFAULTS: dict[str, Any] = {
+    "selection": {"folds": 5, "use_folds": 1, "replicates": 1},
+    "figures": {
+        "alpha_beta": {"penalty": "l2_sp", "replicates": 1},
+        "freeze": {"penalties": ["l2", "l2_sp"], "replicates": 1},
+        "activations": {"penalties": ["l2", "l2_sp", "l2_sp_fisher"], "max_images": 512},
+        "overhead": {"batch_size": 32, "repeats": 20},
+    },
 }
 
 
@@ -81,7 +101,13 @@ def _key_path(error: jsonschema.ValidationError) -> str:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """The identity of one fine-tune run: everything its output path spells."""
+    """The identity of one fine-tune run: everything its output path spells.
+
+    ``experiment``: which part of the study asked for the run: ``main`` (Tables 2-3, Fig. 2),
+    ``select`` (model selection), ``alpha_beta`` (Fig. 1), ``freeze`` (Fig. 3).
+    ``evaluation``: ``test`` (train on the training set, score on the test set) or ``val{f}``
+    (train on the training set less fold f, score on fold f).
+    """
 
     source: str
     target: str
@@ -90,24 +116,44 @@ class RunSpec:
     beta: float
     freeze: int
     replicate: int
+    _: KW_ONLY
+    lr: float
+    evaluation: str = "test"
+    experiment: str = "main"
+
+    def __post_init__(self):
+        if self.experiment not in EXPERIMENTS:
+            raise ValueError(f"unknown experiment {self.experiment!r} (known: {EXPERIMENTS})")
+        if self.evaluation != "test" and not re.fullmatch(r"val\d+", self.evaluation):
+            raise ValueError(f"evaluation must be 'test' or 'val<fold>', not {self.evaluation!r}")
 
     @property
     def key(self) -> str:
         """Relative path of the run's folder; also its MLflow run name."""
         return (
-            f"{self.source}/{self.target}/{self.penalty}/"
-            f"a{fmt_num(self.alpha)}_b{fmt_num(self.beta)}/freeze{self.freeze}/rep{self.replicate}"
+            f"{self.experiment}/{self.source}/{self.target}/{self.penalty}/"
+            f"a{fmt_num(self.alpha)}_b{fmt_num(self.beta)}_lr{fmt_num(self.lr)}/"
+            f"freeze{self.freeze}/{self.evaluation}/rep{self.replicate}"
         )
+
+    @property
+    def fold(self) -> int | None:
+        """The validation fold, or None for a test-set run."""
+        return None if self.evaluation == "test" else int(self.evaluation[3:])
 
     @property
     def seed(self) -> int:
         """RNG seed of the run (head initialisation, batch order).
 
-        Derived from (source, target, replicate) only: runs that differ in penalty, α, β or
-        freeze depth but share a replicate see the same head initialisation and data order,
-        so differences across penalties are paired comparisons.
+        Derived from (source, target, evaluation, replicate) only: runs that differ in
+        experiment, penalty, α, β, learning rate or freeze depth but share a replicate see the
+        same head initialisation and data order, so differences across penalties are paired
+        comparisons (and a run asked for by two experiments gives the same result in both).
         """
-        return derive_seed("finetune", self.source, self.target, self.replicate)
+        return derive_seed("finetune", self.source, self.target, self.evaluation, self.replicate)
+
+
+EXPERIMENTS = ("main", "select", "alpha_beta", "freeze")
 
 
 def fmt_num(x: float) -> str:
@@ -136,6 +182,11 @@ def validate_config(config: Mapping, base_dir: str | Path = ".") -> dict:
         err = errors[0]
         raise ConfigError(f"config key '{_key_path(err)}': {err.message}")
     config = _merge(DEFAULTS, config)
+    if "selection" in config:
+        config["selection"] = _merge(SECTION_DEFAULTS["selection"], config["selection"])
+        config["selection"].setdefault("lr", [config["finetune"]["lr"]])
+    for name, fig in config.get("figures", {}).items():
+        config["figures"][name] = _merge(SECTION_DEFAULTS["figures"][name], fig)
     _check_semantics(config, Path(base_dir))
     return config
 
@@ -195,26 +246,133 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
             for key in ("alpha", "beta"):
                 if key not in setting:
                     raise ConfigError(f"config key 'grid.penalties.{name}.{key}': required (a list of values)")
+    figures = config.get("figures", {})
+    for name, fig in figures.items():
+        targets = fig.get("targets", [fig["target"]] if "target" in fig else [])
+        for target in targets:
+            if target not in config["tasks"]:
+                raise ConfigError(f"config key 'figures.{name}': no task named {target!r}")
+        for penalty in fig.get("penalties", [fig["penalty"]] if "penalty" in fig else []):
+            if penalty not in PENALTIES:
+                raise ConfigError(f"config key 'figures.{name}': unknown penalty {penalty!r}")
+            if name in ("freeze", "activations") and penalty not in grid["penalties"]:
+                raise ConfigError(f"config key 'figures.{name}': penalty {penalty!r} is not in grid.penalties")
+    if "activations" in figures and figures["activations"]["target"] not in grid["targets"]:
+        raise ConfigError("config key 'figures.activations.target': must be one of grid.targets (it reuses their runs)")
+    if "selection" in config:
+        sel = config["selection"]
+        if sel["use_folds"] > sel["folds"]:
+            raise ConfigError("config key 'selection.use_folds': more than selection.folds")
+    depths = list(grid["freeze"]) + list(figures.get("freeze", {}).get("depths", []))
     for source in grid["sources"]:
         arch = config["sources"][source]["arch"]
         limit = freeze_depth_count(arch)
-        for depth in grid["freeze"]:
+        for depth in depths:
             if depth > limit:
                 raise ConfigError(
                     f"config key 'grid.freeze': depth {depth} exceeds the {limit} freezable units of {arch!r}"
                 )
 
 
-def expand_runs(config: Mapping) -> Iterator[RunSpec]:
-    """Every run of the grid, in a stable order."""
-    grid = config["grid"]
+Setting = tuple[float, float, float]  # (alpha, beta, lr)
+
+
+def candidates(config: Mapping, penalty: str) -> list[Setting]:
+    """The (α, β, lr) settings the grid lists for ``penalty``; lr from ``selection.lr`` when
+    model selection is configured, else ``finetune.lr``."""
+    spec = config["grid"]["penalties"][penalty]
+    alphas = [0.0] if penalty == "none" else spec["alpha"]
+    betas = [0.0] if penalty == "none" else spec["beta"]
+    lrs = config["selection"]["lr"] if "selection" in config else [config["finetune"]["lr"]]
+    return [(float(a), float(b), float(lr)) for a in alphas for b in betas for lr in lrs]
+
+
+def needs_selection(config: Mapping, penalty: str) -> bool:
+    """Whether the penalty's setting is chosen on validation folds (several candidates)."""
+    return "selection" in config and len(candidates(config, penalty)) > 1
+
+
+def selection_runs(config: Mapping) -> list[RunSpec]:
+    """Model-selection runs: every candidate setting of every penalty that needs selection,
+    trained on the training set less fold f and scored on fold f."""
+    if "selection" not in config:
+        return []
+    sel, grid = config["selection"], config["grid"]
+    runs = []
     for source in grid["sources"]:
         for target in grid["targets"]:
-            for penalty, setting in grid["penalties"].items():
-                alphas = setting.get("alpha", [0.0]) if penalty != "none" else [0.0]
-                betas = setting.get("beta", [0.0]) if penalty != "none" else [0.0]
-                for alpha in alphas:
-                    for beta in betas:
-                        for freeze in grid["freeze"]:
-                            for rep in range(grid["replicates"]):
-                                yield RunSpec(source, target, penalty, float(alpha), float(beta), int(freeze), rep)
+            for penalty in grid["penalties"]:
+                if not needs_selection(config, penalty):
+                    continue
+                for alpha, beta, lr in candidates(config, penalty):
+                    for fold in range(sel["use_folds"]):
+                        for rep in range(sel["replicates"]):
+                            runs.append(RunSpec(source, target, penalty, alpha, beta, 0, rep, lr=lr,
+                                                evaluation=f"val{fold}", experiment="select"))
+    return runs
+
+
+def _chosen(config: Mapping, choose, source: str, target: str, penalty: str) -> Setting | None:
+    if not needs_selection(config, penalty):
+        return None
+    if choose is None:
+        raise ValueError(f"the setting of {penalty!r} is chosen by model selection; pass `choose`")
+    return choose(source, target, penalty)
+
+
+def final_settings(config: Mapping, penalty: str, chosen: Setting | None) -> list[Setting]:
+    """The settings the test-set runs use: the chosen one when the penalty needs selection
+    (``chosen`` must then be given), else every candidate."""
+    if needs_selection(config, penalty):
+        if chosen is None:
+            raise ValueError(f"the setting of {penalty!r} is chosen by model selection; none given")
+        return [chosen]
+    return candidates(config, penalty)
+
+
+def main_runs(config: Mapping, choose=None) -> list[RunSpec]:
+    """Test-set runs of the grid (Tables 2-3, Fig. 2). ``choose(source, target, penalty)``
+    returns the selected (α, β, lr) for penalties that need selection."""
+    grid = config["grid"]
+    runs = []
+    for source in grid["sources"]:
+        for target in grid["targets"]:
+            for penalty in grid["penalties"]:
+                chosen = _chosen(config, choose, source, target, penalty)
+                for alpha, beta, lr in final_settings(config, penalty, chosen):
+                    for freeze in grid["freeze"]:
+                        for rep in range(grid["replicates"]):
+                            runs.append(RunSpec(source, target, penalty, alpha, beta, freeze, rep, lr=lr))
+    return runs
+
+
+def figure_runs(config: Mapping, choose=None) -> list[RunSpec]:
+    """Test-set runs of Fig. 1 (α × β grid) and Fig. 3 (freeze depths, at the main setting)."""
+    figures = config.get("figures", {})
+    grid = config["grid"]
+    runs = []
+    if "alpha_beta" in figures:
+        fig = figures["alpha_beta"]
+        for source in grid["sources"]:
+            for alpha in fig["alpha"]:
+                for beta in fig["beta"]:
+                    for rep in range(fig["replicates"]):
+                        runs.append(RunSpec(source, fig["target"], fig["penalty"], float(alpha), float(beta), 0, rep,
+                                            lr=float(config["finetune"]["lr"]), experiment="alpha_beta"))
+    if "freeze" in figures:
+        fig = figures["freeze"]
+        for source in grid["sources"]:
+            for target in fig["targets"]:
+                for penalty in fig["penalties"]:
+                    chosen = _chosen(config, choose, source, target, penalty)
+                    for alpha, beta, lr in final_settings(config, penalty, chosen):
+                        for depth in fig["depths"]:
+                            for rep in range(fig["replicates"]):
+                                runs.append(RunSpec(source, target, penalty, alpha, beta, depth, rep, lr=lr,
+                                                    experiment="freeze"))
+    return runs
+
+
+def expand_runs(config: Mapping, choose=None) -> list[RunSpec]:
+    """Every run of the study, in a stable order: selection, main grid, figures."""
+    return selection_runs(config) + main_runs(config, choose) + figure_runs(config, choose)

@@ -34,6 +34,7 @@ __all__ = [
     "prepare_task",
     "load_task",
     "digits_halves",
+    "fold_split",
     "digits_source",
     "digits_mod3",
 ]
@@ -146,6 +147,20 @@ def digits_mod3(*, size: int = 16, split_seed: int = 0, per_class: int = 10) -> 
         classes=["0 mod 3", "1 mod 3", "2 mod 3"],
         extra={"builder": "digits_mod3", "size": size, "split_seed": split_seed, "half": "B", "per_class": per_class},
     )
+
+
+def fold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded K-fold split of a training set: (train indices, validation indices)
+    for fold ``fold``. Each class's images are shuffled and dealt to the folds in turn, so every
+    fold gets ⌊n_c/K⌋ or ⌈n_c/K⌉ images of class c."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} outside [0, {folds})")
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        assignment[idx] = np.arange(len(idx)) % folds
+    return np.flatnonzero(assignment != fold), np.flatnonzero(assignment == fold)
 
 
 # -- on disk -------------------------------------------------------------------------------------

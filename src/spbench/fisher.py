@@ -70,7 +70,10 @@ def estimate_fisher(
                 labels = torch.arange(probs.shape[1], device=x.device).expand(len(x), -1)
                 weights = probs
             else:
-                labels = torch.multinomial(probs, samples, replacement=True, generator=generator)
+                # Sampled where the generator lives: the same seed gives the same labels on
+                # any device.
+                where = generator.device if generator is not None else probs.device
+                labels = torch.multinomial(probs.to(where), samples, replacement=True, generator=generator).to(x.device)
                 weights = torch.full(labels.shape, 1.0 / samples, dtype=probs.dtype, device=x.device)
             for j in range(labels.shape[1]):
                 g = per_example_grad(params, x, labels[:, j])

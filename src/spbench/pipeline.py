@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .config import RunSpec, derive_seed
-from .data import load_task, prepare_task
+from .data import fold_split, load_task, prepare_task
 from .fisher import estimate_fisher, load_fisher, normalize_fisher, save_fisher
 from .models import apply_freeze, build_model, split_parameters
 from .penalties import PENALTIES, make_penalty
@@ -31,11 +31,24 @@ __all__ = [
     "run_config",
     "finetune_run",
     "device_name",
+    "resolve_device",
     "setup_logging",
     "aggregate_records",
+    "select_setting",
+    "activation_table",
+    "overhead_table",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("finetune.device is 'cuda' but no GPU is visible to this job")
+    return torch.device(name)
 
 
 def device_name(device: torch.device) -> str:
@@ -87,9 +100,11 @@ def compute_fisher(config: Mapping, source: str, model_path, task_dir, out_path)
     tensors (the penalties restrict it to their scope)."""
     opts = config["fisher"]
     set_determinism(opts["seed"], threads=config["finetune"]["threads"])
+    dev = resolve_device(config["finetune"]["device"])
     model, _ = load_source(model_path)
+    model.to(dev)
     data = load_task(task_dir)
-    x = data.x[opts["split"]][: opts["num_examples"]]
+    x = data.x[opts["split"]][: opts["num_examples"]].to(dev)
     names = [n for n, _ in model.named_parameters() if n.startswith("backbone.")]
     gen = torch.Generator().manual_seed(opts["seed"])
     start = time.perf_counter()
@@ -123,6 +138,9 @@ def run_config(config: Mapping, spec: RunSpec) -> dict[str, Any]:
     return {
         "run": {
             "key": spec.key,
+            "experiment": spec.experiment,
+            "evaluation": spec.evaluation,
+            "lr": spec.lr,
             "source": spec.source,
             "target": spec.target,
             "penalty": spec.penalty,
@@ -132,7 +150,8 @@ def run_config(config: Mapping, spec: RunSpec) -> dict[str, Any]:
             "replicate": spec.replicate,
             "seed": spec.seed,
         },
-        "finetune": dict(config["finetune"]),
+        "finetune": {k: v for k, v in config["finetune"].items() if k != "lr"},  # lr is in "run"
+        "selection": dict(config["selection"]) if spec.fold is not None else {},
         "fisher": dict(config["fisher"]) if PENALTIES[spec.penalty].uses_fisher else {},
         "source": {k: v for k, v in source.items()},
         "target_task": dict(config["tasks"][spec.target]),
@@ -150,16 +169,20 @@ def finetune_run(
     source_dir,
     fisher_path=None,
     record_out,
-    device: str = "cpu",
+    model_out=None,
+    device: str | None = None,
 ) -> tuple[dict, list[float]]:
     """One fine-tune: source backbone + new head on the target, penalty ``spec.penalty``.
 
-    Writes and returns the result record (see :mod:`spbench.results`) and the train-loss curve.
+    A ``test`` run trains on the target's training split and scores on its test split; a
+    ``val{f}`` run trains on the training split less fold f and scores on fold f. Writes and
+    returns the result record (see :mod:`spbench.results`) and the train-loss curve; the
+    fine-tuned classifier goes to ``model_out`` when given.
     """
     ft = config["finetune"]
     resolved = run_config(config, spec)
     set_determinism(spec.seed, threads=ft["threads"])
-    dev = torch.device(device)
+    dev = resolve_device(device or ft["device"])
     target = load_task(target_dir)
     source_data = load_task(source_dir)
     info = json.loads(Path(source_info).read_text())
@@ -192,7 +215,15 @@ def finetune_run(
     ).to(dev)
     log.info("run %s (seed %d): %s; %d frozen tensors", spec.key, spec.seed, penalty.describe(), len(frozen))
 
-    x, y = target.x["train"].to(dev), target.y["train"].to(dev)
+    x, y = target.x["train"], target.y["train"]
+    if spec.fold is None:
+        x_eval, y_eval = target.x["test"], target.y["test"]
+    else:
+        sel = config["selection"]
+        train_idx, val_idx = fold_split(y.numpy(), sel["folds"], spec.fold, derive_seed("folds", spec.target))
+        x_eval, y_eval = x[val_idx], y[val_idx]
+        x, y = x[train_idx], y[train_idx]
+    x, y = x.to(dev), y.to(dev)
     gen = torch.Generator().manual_seed(derive_seed("batches", spec.seed))
     start = time.perf_counter()
     history = train_steps(
@@ -202,7 +233,7 @@ def finetune_run(
         y,
         steps=ft["steps"],
         batch_size=ft["batch_size"],
-        lr=ft["lr"],
+        lr=spec.lr,
         momentum=ft["momentum"],
         schedule=ft["lr_schedule"],
         milestones=ft["lr_milestones"],
@@ -210,7 +241,7 @@ def finetune_run(
         bn_mode=ft["bn_mode"],
         generator=gen,
     )
-    test_acc = evaluate(model, target.x["test"].to(dev), target.y["test"].to(dev), ft["eval_batch_size"])
+    test_acc = evaluate(model, x_eval.to(dev), y_eval.to(dev), ft["eval_batch_size"])
     # Source-task retention (Table 3): the fine-tuned backbone under the ORIGINAL source head.
     source_net = torch.nn.Sequential(model.backbone, source_head)
     source_acc = evaluate(source_net, source_data.x["test"].to(dev), source_data.y["test"].to(dev), ft["eval_batch_size"])
@@ -218,12 +249,14 @@ def finetune_run(
     describe = penalty.describe()
     record = {
         "run_key": spec.key,
+        "experiment": spec.experiment,
         "source": spec.source,
         "target": spec.target,
         "penalty": spec.penalty,
         "alpha": spec.alpha,
         "beta": spec.beta,
         "freeze": spec.freeze,
+        "evaluation": spec.evaluation,
         "replicate": spec.replicate,
         "seed": spec.seed,
         "arch": info["arch"],
@@ -235,9 +268,9 @@ def finetune_run(
         "fisher_normalize": config["fisher"]["normalize"] if fisher is not None else "",
         "steps": ft["steps"],
         "batch_size": min(ft["batch_size"], len(x)),
-        "lr": ft["lr"],
+        "lr": spec.lr,
         "n_train": len(x),
-        "n_test": len(target.y["test"]),
+        "n_test": len(y_eval),
         "num_classes": target.num_classes,
         "n_inherited_tensors": describe["n_inherited_tensors"],
         "n_head_tensors": describe["n_head_tensors"],
@@ -255,6 +288,9 @@ def finetune_run(
         # beyond the table: the curve, for the tracker and for plots
         "train_loss": history.loss,
     }
+    if model_out is not None:
+        torch.save({"state_dict": model.state_dict(), "arch": info["arch"], "num_classes": target.num_classes,
+                    "in_channels": info["in_channels"], "run_key": spec.key}, model_out)
     write_record(record_out, record)
     log.info("run %s: test accuracy %.4f, source accuracy %.4f (drop %.4f), %.1f s",
              spec.key, test_acc, source_acc, source_acc - info["test_accuracy"], wall)
@@ -278,3 +314,74 @@ def aggregate_records(record_paths, out_path) -> int:
     write_parquet(frame, out_path)
     log.info("%d runs -> %s", len(frame), out_path)
     return len(frame)
+
+
+def select_setting(record_paths, out_path) -> dict:
+    """Choose one penalty's (α, β, lr) for a (source, target) from its validation records,
+    with the same rule as the report's selection table; write it with every candidate's score."""
+    from .reports import selected_settings, selection_table
+    from .results import read_record, records_to_frame
+
+    frame = records_to_frame(read_record(p) for p in record_paths)
+    chosen = selected_settings(frame)
+    if len(chosen) != 1:
+        raise ValueError(f"expected validation runs of one (source, target, penalty), got {len(chosen)} groups")
+    row = chosen.iloc[0]
+    scores = selection_table(frame)
+    result = {
+        "source": row["source"],
+        "target": row["target"],
+        "penalty": row["penalty"],
+        "selected": {"alpha": float(row["alpha"]), "beta": float(row["beta"]), "lr": float(row["lr"])},
+        "candidates": json.loads(scores.to_json(orient="records")),
+    }
+    write_json_atomic(out_path, result)
+    log.info("selected for %s/%s/%s: %s", row["source"], row["target"], row["penalty"], result["selected"])
+    return result
+
+
+def activation_table(config: Mapping, source: str, source_model, target_dir, finetuned: Mapping[str, Any], out_path) -> int:
+    """Fig. 4's table: R² per unit for every fine-tuned model of ``finetuned`` (label ->
+    path of the classifier saved by :func:`finetune_run`), on the target's test images."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from .analysis import unit_r2
+    from .results import R2_SCHEMA
+
+    fig = config["figures"]["activations"]
+    set_determinism(0, threads=config["finetune"]["threads"])
+    pretrained, _ = load_source(source_model)
+    images = load_task(target_dir).x["test"][: fig["max_images"]]
+    rows = []
+    for label, path in finetuned.items():
+        penalty, alpha, beta, lr = label.split(":")
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(blob["arch"], blob["num_classes"], blob["in_channels"])
+        model.load_state_dict(blob["state_dict"])
+        for row in unit_r2(pretrained.backbone, model.backbone, images):
+            rows.append({"source": source, "target": fig["target"], "penalty": penalty, "alpha": float(alpha),
+                         "beta": float(beta), "replicate": 0, **row})
+        log.info("R² of %s: %d units", label, len(rows))
+    table = pa.Table.from_pylist(rows, schema=R2_SCHEMA)
+    pd.DataFrame(table.to_pandas()).to_parquet(out_path, index=False)
+    return len(rows)
+
+
+def overhead_table(archs, penalties, options: Mapping, out_path, *, image_size: int, in_channels: int, num_classes: int) -> int:
+    """Section 4.4.1's table for each architecture: one training step with each penalty."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .analysis import step_overhead
+    from .results import OVERHEAD_SCHEMA
+
+    rows = []
+    for arch in dict.fromkeys(archs):
+        rows += step_overhead(arch, penalties, num_classes=num_classes, in_channels=in_channels,
+                              image_size=image_size, batch_size=options["batch_size"], repeats=options["repeats"])
+    pq.write_table(pa.Table.from_pylist(rows, schema=OVERHEAD_SCHEMA), out_path)
+    for r in rows:
+        log.info("%s %s: step %.3g FLOPs, penalty %.3g FLOPs (%.3f%%), %.2f ms/step", r["arch"], r["penalty"],
+                 r["step_flops"], r["penalty_flops"], 100 * r["flops_ratio"], 1000 * r["step_seconds"])
+    return len(rows)

@@ -1,68 +1,152 @@
 """Tables and figures: pure functions of the run table (``results/runs.parquet``).
 
-Every builder takes the run table as a :class:`pandas.DataFrame` with the columns of
-:data:`spbench.results.SCHEMA` (only the columns it uses are required) and returns a new
-object; nothing here reads files. :func:`write_reports` is the one helper that writes.
+Every builder takes a :class:`pandas.DataFrame` (the run table with the columns of
+:data:`spbench.results.SCHEMA`, or for Fig. 4 and the overhead table the rows of
+:data:`~spbench.results.R2_SCHEMA` / :data:`~spbench.results.OVERHEAD_SCHEMA`; only the
+columns a builder uses are required) and returns a new object; nothing here reads files
+except :func:`main`, and nothing writes except :func:`write_reports`.
+
+Regenerate every table and figure from stored results, without training::
+
+    python -m spbench.reports results/runs.parquet reports \\
+        [--r2 results/activations.parquet] [--overhead results/overhead.parquet]
+
+(:func:`main`; ``--help`` lists the options.)
 
 Conventions shared by all outputs:
 
-* Only runs with ``freeze == 0`` (nothing frozen) enter Table 2, Table 3 and Fig. 2, as in
-  the paper; freezing is the subject of Fig. 3.
-* A *setting* is one ``(penalty, alpha, beta)``; a *cell* is one ``(source, target)`` and one
-  setting. Statistics are over the replicates of a cell: ``n`` is the number of runs with a
-  non-missing value, ``mean`` their arithmetic mean and ``std`` the sample standard deviation
-  (ddof = 1, NaN when ``n == 1``).
-* Accuracies are stored as fractions and reported in percent; accuracy drops in percentage
-  points.
-* Penalties are ordered ``none, l2, l2_sp, l2_sp_fisher`` and then any others alphabetically;
-  within a penalty by ``alpha`` then ``beta``. Sources and targets are ordered naturally
-  (``k5`` before ``k10``).
+* Which runs count. ``evaluation == "test"`` runs (trained on the training set, scored on the
+  test set) feed Tables 2 and 3, the paired differences and Figs. 1-3; ``evaluation ==
+  "val{f}"`` runs (trained on the training set less fold f, scored on fold f) feed model
+  selection only. Tables 2, 3, Fig. 1, Fig. 2 and the paired differences use ``freeze == 0``
+  (nothing frozen), as in the paper; freezing is the subject of Fig. 3.
+* A *setting* is one ``(penalty, alpha, beta, lr)``; a *cell* is one ``(source, target)`` and
+  one setting. Statistics are over the replicates of a cell: ``n`` is the number of runs with
+  a non-missing value, ``mean`` their arithmetic mean and ``std`` the sample standard
+  deviation (ddof = 1, NaN when ``n == 1``).
+* One run, one row. A run table whose rows share the whole run identity
+  (:data:`spbench.results.IDENTITY`) is refused. Rows that differ only in ``experiment`` (the
+  part of the study that asked for the run: the workflow runs a setting wanted by two
+  experiments once per experiment, with the same seed) are one run and counted once, the
+  ``main`` row kept.
+* Model selection (:func:`selection_table`): per (source, target, penalty), the setting with
+  the highest mean validation accuracy; ties go to the smallest alpha, then beta, then lr.
+  Where a penalty was selected, Tables 2, 3 and Fig. 2 show its selected setting only (the
+  paper reports the setting chosen by cross-validation); when the table has an
+  ``experiment`` column they show the ``main`` experiment's runs only (not Fig. 1's grid).
+* Accuracies are stored as fractions and reported in percent; differences and accuracy drops
+  in percentage points.
+* Penalties are ordered ``none, l2, l2_sp, l2_sp_fisher, l1_sp, gl_sp, gl_sp_fisher`` and then
+  any others alphabetically; within a penalty by ``alpha``, ``beta``, then ``lr``. Sources and
+  targets are ordered naturally (``k5`` before ``k10``).
+* Outputs the data cannot support raise :class:`InsufficientDataError` (a ``ValueError``)
+  naming what is missing; :func:`write_reports` skips those and logs why.
 """
 
 from __future__ import annotations
 
+import argparse
+import html
+import logging
 import math
 import os
 import re
+import sys
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
+
+from .results import IDENTITY, OVERHEAD_SCHEMA, R2_SCHEMA, SchemaError, read_parquet
 
 __all__ = [
     "PENALTY_ORDER",
+    "SETTING",
     "GROUP",
+    "FORMATS",
+    "PAPER_TABLE2",
+    "PAPER_TABLE3",
+    "PAPER_PRETRAINED",
+    "InsufficientDataError",
     "table2",
     "table3",
+    "selection_table",
+    "selected_settings",
+    "paired_differences",
+    "overhead_table",
     "setting_labels",
-    "render_markdown",
+    "render_table2",
+    "render_table3",
+    "render_selection",
+    "render_paired",
+    "render_overhead",
     "render_table2_markdown",
     "render_table3_markdown",
+    "fig1",
     "fig2",
+    "fig3",
+    "fig4",
     "write_reports",
+    "main",
 ]
 
-#: Penalties in the order of the paper's tables; others follow alphabetically.
-PENALTY_ORDER: tuple[str, ...] = ("none", "l2", "l2_sp", "l2_sp_fisher")
+# named, not __name__: under `python -m spbench.reports` the module runs as __main__
+logger = logging.getLogger("spbench.reports")
+
+#: Penalties in the order of the paper's tables and Fig. 2; others follow alphabetically.
+PENALTY_ORDER: tuple[str, ...] = ("none", "l2", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher")
+
+#: The columns of one setting.
+SETTING: list[str] = ["penalty", "alpha", "beta", "lr"]
 
 #: The columns one table row (a cell) is grouped by.
-GROUP: list[str] = ["source", "target", "penalty", "alpha", "beta"]
+GROUP: list[str] = ["source", "target", *SETTING]
 
-# The run identity (spbench.results.IDENTITY); duplicates would silently inflate n.
-_IDENTITY = [*GROUP, "freeze", "replicate"]
-# The columns of a table of cells (output of table2 / table3).
+#: Output formats of the ``render_*`` functions.
+FORMATS: tuple[str, ...] = ("markdown", "latex", "html")
+
+#: The paper's Table 2 (Li et al. 2018; ResNet-101, mean ± std test accuracy in % over 5 runs),
+#: keyed by (source, target) as this suite names them. The paper's caption: "The source
+#: database is Places 365 for MIT Indoors 67 and ImageNet for Stanford Dogs 120 and Caltech
+#: 256" — so MIT Indoors is keyed by ``places365``, not ``imagenet``.
+PAPER_TABLE2: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
+    ("places365", "mit-indoor-67"): {"l2": (79.6, 0.5), "l2_sp": (84.2, 0.3), "l2_sp_fisher": (84.0, 0.4)},
+    ("imagenet", "stanford-dogs-120"): {"l2": (81.4, 0.2), "l2_sp": (85.1, 0.2), "l2_sp_fisher": (85.1, 0.2)},
+    ("imagenet", "caltech256-30"): {"l2": (81.5, 0.2), "l2_sp": (83.5, 0.1), "l2_sp_fisher": (83.3, 0.1)},
+    ("imagenet", "caltech256-60"): {"l2": (85.3, 0.2), "l2_sp": (86.4, 0.2), "l2_sp_fisher": (86.0, 0.1)},
+}
+
+#: The paper's Table 3: source-task accuracy drop in percentage points, same keys as
+#: :data:`PAPER_TABLE2`. Per target from the paper's table; they span the ranges of the
+#: specification (l2 −14.1 to −24.1, l2_sp −3.6 to −5.3, l2_sp_fisher −3.2 to −4.9).
+PAPER_TABLE3: dict[tuple[str, str], dict[str, float]] = {
+    ("places365", "mit-indoor-67"): {"l2": -24.1, "l2_sp": -5.3, "l2_sp_fisher": -4.9},
+    ("imagenet", "stanford-dogs-120"): {"l2": -14.1, "l2_sp": -4.7, "l2_sp_fisher": -4.2},
+    ("imagenet", "caltech256-30"): {"l2": -15.4, "l2_sp": -4.2, "l2_sp_fisher": -3.6},
+    ("imagenet", "caltech256-60"): {"l2": -16.9, "l2_sp": -3.6, "l2_sp_fisher": -3.2},
+}
+
+#: The paper's pretrained source accuracies (%), by source.
+PAPER_PRETRAINED: dict[str, float] = {"places365": 54.7, "imagenet": 76.7}
+
+_PAPER_CITE = "Li et al. (2018)"
+# Which experiment's row to keep when two experiments ran the same setting (first listed wins).
+_EXPERIMENT_PRECEDENCE = ("main", "select", "alpha_beta", "freeze")
 _CELL_COLUMNS = [*GROUP, "n", "mean", "std"]
+_DELTA_COLUMNS = ["delta", "delta_sd", "delta_n", "delta_low", "delta_high"]
+_R2_COLUMNS = [f.name for f in R2_SCHEMA]
+_OVERHEAD_COLUMNS = [f.name for f in OVERHEAD_SCHEMA]
 
-_TABLE2_CAPTION = (
-    "**Table 2.** Target test accuracy (%), mean ± sample std over {reps}; "
-    "no frozen layers (freeze = 0)."
-)
-_TABLE3_CAPTION = (
-    "**Table 3.** Source-task accuracy drop (percentage points): fine-tuned backbone with the "
-    "original source head on source test data, minus the pretrained network's accuracy "
-    "(negative = forgotten); mean ± sample std over {reps}; freeze = 0. "
-    "“pretrained (%)” is the pretrained network's source accuracy."
-)
+
+class InsufficientDataError(ValueError):
+    """The data hold nothing for what an output needs (e.g. no validation runs, no α × β grid).
+
+    :func:`write_reports` skips the output and logs the message; every other ``ValueError``
+    (a missing column, duplicate runs, an empty table) stops it.
+    """
 
 
 # --------------------------------------------------------------------------- checks, order
@@ -78,15 +162,66 @@ def _check_runs(runs: pd.DataFrame, columns: Iterable[str], what: str) -> None:
         raise ValueError(f"{what}: the run table is empty (no runs to report)")
 
 
-def _unfrozen(runs: pd.DataFrame, what: str) -> pd.DataFrame:
-    dup = runs.duplicated(_IDENTITY, keep=False)
+def _identity(runs: pd.DataFrame) -> list[str]:
+    """The run identity; ``experiment`` only where the table has it."""
+    return [c for c in IDENTITY if c != "experiment" or c in runs.columns]
+
+
+def _required(*extra: str) -> list[str]:
+    """The identity columns a run table must have (``experiment`` is optional), and ``extra``."""
+    return [*(c for c in IDENTITY if c != "experiment"), *extra]
+
+
+def _slim(runs: pd.DataFrame, *values: str) -> pd.DataFrame:
+    """Only the identity and the ``values`` columns (the rest is dead weight for filtering)."""
+    return runs[list(dict.fromkeys([*_identity(runs), *values]))]
+
+
+def _one_row_per_run(runs: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Refuse duplicate identities; keep one row of a run that several experiments share."""
+    ident = _identity(runs)
+    dup = runs.duplicated(ident, keep=False)
     if dup.any():
-        example = runs.loc[dup, _IDENTITY].head(1).to_dict("records")[0]
+        example = runs.loc[dup, ident].head(1).to_dict("records")[0]
         raise ValueError(f"{what}: several runs share one identity, e.g. {example}")
-    sel = runs[runs["freeze"] == 0]
+    if "experiment" not in runs.columns:
+        return runs
+    experiment = runs["experiment"].fillna("").astype(str)
+    rank = [(_EXPERIMENT_PRECEDENCE.index(e) if e in _EXPERIMENT_PRECEDENCE else len(_EXPERIMENT_PRECEDENCE), e)
+             for e in experiment]
+    order = sorted(range(len(runs)), key=rank.__getitem__)
+    ranked = runs.iloc[order]
+    first = ~ranked.duplicated([c for c in ident if c != "experiment"], keep="first").to_numpy()
+    return runs.iloc[sorted(np.asarray(order)[first].tolist())]
+
+
+def _evaluation(runs: pd.DataFrame) -> pd.Series:
+    return runs["evaluation"].fillna("").astype(str)
+
+
+def _test_runs(runs: pd.DataFrame, what: str, *, unfrozen: bool = True) -> pd.DataFrame:
+    """One row per run, ``evaluation == "test"``, and ``freeze == 0`` when ``unfrozen``."""
+    runs = _one_row_per_run(runs, what)
+    evaluation = _evaluation(runs)
+    sel = runs[evaluation == "test"]
     if sel.empty:
-        depths = sorted(runs["freeze"].unique().tolist())
-        raise ValueError(f"{what}: no runs with freeze == 0 (freeze depths present: {depths})")
+        present = sorted(evaluation.unique().tolist())
+        raise InsufficientDataError(f"{what}: no runs with evaluation == 'test' (evaluations present: {present})")
+    if unfrozen:
+        depths = sorted(int(d) for d in sel["freeze"].unique())
+        sel = sel[sel["freeze"] == 0]
+        if sel.empty:
+            raise InsufficientDataError(f"{what}: no test runs with freeze == 0 (freeze depths present: {depths})")
+    return sel
+
+
+def _validation_runs(runs: pd.DataFrame, what: str) -> pd.DataFrame:
+    runs = _one_row_per_run(runs, what)
+    sel = runs[_evaluation(runs).str.startswith("val") & (runs["freeze"] == 0)]
+    if sel.empty:
+        raise InsufficientDataError(
+            f"{what}: no validation runs (evaluation 'val<fold>' with freeze == 0) to select settings on"
+        )
     return sel
 
 
@@ -97,91 +232,445 @@ def _natural_key(text: str) -> tuple:
 
 
 def _penalty_key(name: str) -> tuple[int, str]:
-    return (PENALTY_ORDER.index(name), "") if name in PENALTY_ORDER else (len(PENALTY_ORDER), name)
+    return (PENALTY_ORDER.index(name), "") if name in PENALTY_ORDER else (len(PENALTY_ORDER), str(name))
 
 
-def _sort_cells(frame: pd.DataFrame) -> pd.DataFrame:
-    keys = [
-        (_natural_key(s), _natural_key(t), _penalty_key(p), a, b)
-        for s, t, p, a, b in frame[GROUP].itertuples(index=False)
-    ]
+def _setting_key(setting: Sequence) -> tuple:
+    penalty, *numbers = setting
+    return (_penalty_key(penalty), *(float(x) for x in numbers))
+
+
+def _sort_rows(frame: pd.DataFrame, by: Sequence[str] = GROUP) -> pd.DataFrame:
+    """Rows in report order: natural order of text keys, PENALTY_ORDER, then numbers."""
+
+    def key(values: tuple) -> tuple:
+        out = []
+        for column, value in zip(by, values):
+            if column == "penalty":
+                out.append(_penalty_key(value))
+            elif isinstance(value, str):
+                out.append(_natural_key(value))
+            else:
+                out.append(float(value))
+        return tuple(out)
+
+    keys = [key(tuple(row)) for row in frame[list(by)].itertuples(index=False)]
     order = sorted(range(len(frame)), key=keys.__getitem__)
     return frame.iloc[order].reset_index(drop=True)
 
 
-def _aggregate(runs: pd.DataFrame, column: str, scale: float) -> pd.DataFrame:
-    """n, mean and sample std (ddof=1) of ``scale * runs[column]`` per cell."""
-    values = runs[GROUP].assign(_v=runs[column].astype(float) * scale)
-    out = values.groupby(GROUP, sort=False)["_v"].agg(n="count", mean="mean", std=lambda s: s.std(ddof=1))
+def _pairs(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    pairs = {(str(s), str(t)) for s, t in frame[["source", "target"]].itertuples(index=False)}
+    return sorted(pairs, key=lambda st: (_natural_key(st[0]), _natural_key(st[1])))
+
+
+def _settings_of(frame: pd.DataFrame) -> list[tuple[str, float, float, float]]:
+    found = {(str(p), float(a), float(b), float(lr)) for p, a, b, lr in frame[SETTING].itertuples(index=False)}
+    return sorted(found, key=_setting_key)
+
+
+def _is_setting(frame: pd.DataFrame, setting: tuple) -> pd.Series:
+    penalty, alpha, beta, lr = setting
+    return (
+        (frame["penalty"] == penalty) & (frame["alpha"] == alpha) & (frame["beta"] == beta) & (frame["lr"] == lr)
+    )
+
+
+def _aggregate(runs: pd.DataFrame, column: str, scale: float, by: Sequence[str] = GROUP) -> pd.DataFrame:
+    """n, mean and sample std (ddof=1) of ``scale * runs[column]`` per group of ``by``."""
+    values = runs[list(by)].assign(_v=runs[column].astype(float) * scale)
+    grouped = values.groupby(list(by), sort=False, dropna=False)["_v"]
+    out = grouped.agg(n="count", mean="mean", std=lambda s: s.std(ddof=1))
     return out.reset_index()
+
+
+# --------------------------------------------------------------------------- model selection
+
+
+def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Model selection on validation folds (the runs with ``evaluation`` ``val<f>``, ``freeze == 0``).
+
+    Per (source, target, penalty, alpha, beta, lr): ``n`` = number of validation runs with a
+    score (folds × replicates), ``folds`` and ``replicates`` = how many distinct of each,
+    ``mean`` = mean of 100 · accuracy on the held-out fold (the ``test_accuracy`` column of a
+    validation run) over those runs, each run weighing the same, ``std`` its sample std
+    (ddof = 1). ``selected`` marks, per (source, target, penalty), the setting with the highest
+    ``mean``; equal means (compared to 1e-9 percentage points) go to the smallest alpha, then
+    the smallest beta, then the smallest lr. A setting without any score is never selected.
+    Test-set runs are never looked at.
+    """
+    _check_runs(runs, _required("test_accuracy"), "selection_table")
+    val = _validation_runs(_slim(runs, "test_accuracy"), "selection_table")
+    out = _aggregate(val, "test_accuracy", 100.0)
+    counts = val.groupby(GROUP, sort=False, dropna=False).agg(
+        folds=("evaluation", "nunique"), replicates=("replicate", "nunique")
+    )
+    out = out.merge(counts.reset_index(), on=GROUP, how="left", validate="one_to_one")
+    out = _sort_rows(out)[[*GROUP, "n", "folds", "replicates", "mean", "std"]]
+    out["selected"] = False
+    for _, group in out.groupby(["source", "target", "penalty"], sort=False):
+        scored = group[group["mean"].notna()]
+        if scored.empty:
+            continue
+        ranking = scored.assign(_m=-scored["mean"].round(9)).sort_values(
+            ["_m", "alpha", "beta", "lr"], kind="stable"
+        )
+        out.loc[ranking.index[0], "selected"] = True
+    return out
+
+
+def selected_settings(runs: pd.DataFrame) -> pd.DataFrame:
+    """The setting chosen for each (source, target, penalty) that has validation runs.
+
+    Columns ``source, target, penalty, alpha, beta, lr``, one row per (source, target,
+    penalty), in report order: the rows of :func:`selection_table` marked ``selected`` (highest
+    mean validation accuracy; ties to the smallest alpha, then beta, then lr). Raises
+    :class:`InsufficientDataError` when ``runs`` holds no validation runs.
+    """
+    table = selection_table(runs)
+    return table.loc[table["selected"], GROUP].reset_index(drop=True)
+
+
+def _selected_or_none(runs: pd.DataFrame) -> dict[tuple[str, str, str], tuple[str, float, float, float]]:
+    """(source, target, penalty) -> selected setting; empty without validation runs."""
+    try:
+        chosen = selected_settings(runs)
+    except InsufficientDataError:
+        return {}
+    return {
+        (s, t, p): (p, float(a), float(b), float(lr))
+        for s, t, p, a, b, lr in chosen[GROUP].itertuples(index=False)
+    }
+
+
+def _reported(test: pd.DataFrame, chosen: Mapping, what: str) -> pd.DataFrame:
+    """The test runs Tables 2, 3 and Fig. 2 show: the ``main`` experiment's runs when the
+    table says which experiment asked for a run, and of a penalty that went through model
+    selection only its selected setting."""
+    if "experiment" in test.columns and (test["experiment"] == "main").any():
+        test = test[test["experiment"] == "main"]
+    if not chosen:
+        return test
+    keep = pd.Series(True, index=test.index)
+    for (source, target, penalty), setting in chosen.items():
+        here = (test["source"] == source) & (test["target"] == target) & (test["penalty"] == penalty)
+        if here.any() and not (here & _is_setting(test, setting)).any():
+            logger.warning(
+                "%s: no test runs of the selected setting %s for %s -> %s; its cell stays empty",
+                what, setting, source, target,
+            )
+        keep &= ~here | _is_setting(test, setting)
+    return test[keep]
+
+
+# --------------------------------------------------------------------------- paired differences
+
+
+def _t_quantile(level: float, dof: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + level / 2.0, dof))
+
+
+def _baseline_settings(
+    test: pd.DataFrame, chosen: Mapping, baseline: str
+) -> dict[tuple[str, str], tuple[tuple[str, float, float, float], str]]:
+    """(source, target) -> (baseline setting, the rule that chose it)."""
+    out = {}
+    for source, target in _pairs(test):
+        here = test[(test["source"] == source) & (test["target"] == target) & (test["penalty"] == baseline)]
+        if here.empty:
+            continue
+        setting = chosen.get((source, target, baseline))
+        if setting is not None and _is_setting(here, setting).any():
+            out[(source, target)] = (setting, "selected on validation folds")
+            continue
+        counts = here.groupby(SETTING, dropna=False)["test_accuracy"].count().reset_index()
+        counts = counts.assign(_n=-counts["test_accuracy"]).sort_values(["_n", "alpha", "beta", "lr"], kind="stable")
+        best = counts.iloc[0]
+        setting = (baseline, float(best["alpha"]), float(best["beta"]), float(best["lr"]))
+        out[(source, target)] = (setting, "most replicates")
+    return out
+
+
+def paired_differences(runs: pd.DataFrame, baseline: str = "l2", *, level: float = 0.95) -> pd.DataFrame:
+    """Paired test-accuracy differences of every setting against the baseline, per (source, target).
+
+    Over the test runs with ``freeze == 0``. For each (source, target) the *baseline setting*
+    is the ``baseline`` penalty's setting selected on validation folds (:func:`selected_settings`)
+    when it has test runs there; otherwise the ``baseline`` setting with the most test
+    replicates (ties: smallest alpha, then beta, then lr). Every other setting of that
+    (source, target) is matched to it on ``replicate`` (runs with one replicate index share
+    the seed: head initialisation and batch order); with d_r = 100 · (acc_r − acc_baseline,r)
+    over the ``n`` replicates both have: ``delta`` = mean of d (percentage points), ``sd`` =
+    its sample std (ddof = 1), and the ``level`` (95 %) Student-t confidence interval
+    ``ci_low``, ``ci_high`` = delta ∓ t.ppf(0.5 + level/2, n − 1) · sd / √n (NaN when n < 2).
+    Settings with no replicate in common are left out. The ``baseline_*`` columns name the
+    baseline setting and ``baseline_rule`` how it was chosen.
+    """
+    _check_runs(runs, _required("test_accuracy"), "paired_differences")
+    runs = _slim(runs, "test_accuracy")
+    return _paired(_test_runs(runs, "paired_differences"), _selected_or_none(runs), baseline, level)
+
+
+def _paired(test: pd.DataFrame, chosen: Mapping, baseline: str, level: float) -> pd.DataFrame:
+    if not (test["penalty"] == baseline).any():
+        present = sorted(test["penalty"].unique().tolist(), key=_penalty_key)
+        raise InsufficientDataError(
+            f"paired_differences: no test runs (freeze == 0) of the baseline penalty {baseline!r} "
+            f"(penalties present: {present})"
+        )
+    bases = _baseline_settings(test, chosen, baseline)
+    rows = []
+    for (source, target), (base, rule) in bases.items():
+        here = test[(test["source"] == source) & (test["target"] == target)]
+        ref = here[_is_setting(here, base)].set_index("replicate")["test_accuracy"].astype(float).dropna()
+        for setting in _settings_of(here):
+            if setting == base:
+                continue
+            other = here[_is_setting(here, setting)].set_index("replicate")["test_accuracy"].astype(float).dropna()
+            common = sorted(set(ref.index) & set(other.index))
+            if not common:
+                continue
+            d = np.array([100.0 * (other[r] - ref[r]) for r in common])
+            n = len(d)
+            mean = float(d.mean())
+            sd = float(d.std(ddof=1)) if n > 1 else math.nan
+            half = _t_quantile(level, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+            rows.append({
+                "source": source, "target": target, "penalty": setting[0], "alpha": setting[1],
+                "beta": setting[2], "lr": setting[3], "baseline_penalty": base[0],
+                "baseline_alpha": base[1], "baseline_beta": base[2], "baseline_lr": base[3],
+                "baseline_rule": rule, "n": n, "delta": mean, "sd": sd,
+                "ci_low": mean - half, "ci_high": mean + half,
+            })
+    columns = [*GROUP, "baseline_penalty", "baseline_alpha", "baseline_beta", "baseline_lr", "baseline_rule",
+               "n", "delta", "sd", "ci_low", "ci_high"]
+    return _sort_rows(pd.DataFrame(rows, columns=columns))
 
 
 # --------------------------------------------------------------------------- tables
 
 
-def table2(runs: pd.DataFrame) -> pd.DataFrame:
-    """Table 2: target test accuracy per cell, in percent.
+def table2(runs: pd.DataFrame, *, baseline: str | None = "l2") -> pd.DataFrame:
+    """Table 2: target test accuracy per cell, in percent, with the paired difference to ``baseline``.
 
-    For each (source, target, penalty, alpha, beta) over the runs with ``freeze == 0``:
-    ``n`` replicates, ``mean`` = mean of 100 · test_accuracy, ``std`` = its sample standard
-    deviation (ddof = 1; NaN when n == 1). One row per cell, in report order.
+    Over the reported test runs (``evaluation == "test"``, ``freeze == 0``, the ``main``
+    experiment and selected settings; see the module's conventions), per (source, target,
+    penalty, alpha, beta, lr): ``n`` replicates, ``mean`` = mean of 100 · test_accuracy,
+    ``std`` = its sample std (ddof = 1; NaN when n == 1). With a ``baseline`` penalty that has
+    test runs: ``delta``, ``delta_sd``, ``delta_n``, ``delta_low``, ``delta_high`` = the paired
+    difference to the row's baseline setting and its 95 % confidence interval
+    (:func:`paired_differences`; NaN for the baseline cell itself), and ``is_baseline`` marks
+    that cell. One row per cell, in report order.
     """
-    _check_runs(runs, [*_IDENTITY, "test_accuracy"], "table2")
-    out = _aggregate(_unfrozen(runs, "table2"), "test_accuracy", 100.0)
-    return _sort_cells(out)
+    _check_runs(runs, _required("test_accuracy"), "table2")
+    runs = _slim(runs, "test_accuracy")
+    chosen = _selected_or_none(runs)
+    every = _test_runs(runs, "table2")
+    test = _reported(every, chosen, "table2")
+    out = _sort_rows(_aggregate(test, "test_accuracy", 100.0))
+    if baseline is None or not (test["penalty"] == baseline).any():
+        return out
+    paired = _paired(every, chosen, baseline, 0.95).rename(
+        columns={"sd": "delta_sd", "n": "delta_n", "ci_low": "delta_low", "ci_high": "delta_high"}
+    )
+    out = out.merge(paired[[*GROUP, *_DELTA_COLUMNS]], on=GROUP, how="left", validate="one_to_one")
+    bases = _baseline_settings(every, chosen, baseline)
+    out["is_baseline"] = [
+        (s, t) in bases and (p, float(a), float(b), float(lr)) == bases[(s, t)][0]
+        for s, t, p, a, b, lr in out[GROUP].itertuples(index=False)
+    ]
+    return out
 
 
 def table3(runs: pd.DataFrame) -> pd.DataFrame:
     """Table 3: how much of the source task the fine-tuned backbone forgets.
 
-    Same cells as :func:`table2` (``freeze == 0``). ``mean`` and ``std`` are the mean and
-    sample std (ddof = 1) of 100 · source_accuracy_drop, in percentage points, where the drop
-    is (accuracy of the fine-tuned backbone with the original source head on source test
-    data) − (pretrained network's accuracy); negative means worse. ``source_accuracy`` and
+    Same cells as :func:`table2`. ``mean`` and ``std`` are the mean and sample std (ddof = 1)
+    of 100 · source_accuracy_drop, in percentage points, where the drop is (accuracy of the
+    fine-tuned backbone with the original source head on source test data) − (pretrained
+    network's accuracy); negative means worse. ``source_accuracy`` and
     ``source_accuracy_pretrained`` are the cell means of those columns, in percent.
     """
     cols = ["source_accuracy", "source_accuracy_pretrained", "source_accuracy_drop"]
-    _check_runs(runs, [*_IDENTITY, *cols], "table3")
-    sel = _unfrozen(runs, "table3")
+    _check_runs(runs, _required(*cols), "table3")
+    runs = _slim(runs, "test_accuracy", *cols)
+    sel = _reported(_test_runs(runs, "table3"), _selected_or_none(runs), "table3")
+    if sel["source_accuracy_drop"].isna().all():
+        raise InsufficientDataError("table3: no test run carries a source_accuracy_drop")
     out = _aggregate(sel, "source_accuracy_drop", 100.0)
     percent = sel[GROUP].assign(**{c: sel[c].astype(float) * 100.0 for c in cols[:2]})
-    means = percent.groupby(GROUP, sort=False).mean()
+    means = percent.groupby(GROUP, sort=False, dropna=False).mean()
     out = out.merge(means.reset_index(), on=GROUP, how="left", validate="one_to_one")
-    return _sort_cells(out)
+    return _sort_rows(out)
 
 
-# --------------------------------------------------------------------------- markdown
+def overhead_table(overhead: pd.DataFrame) -> pd.DataFrame:
+    """§4.4.1: the compute cost of the penalty in one training step, per penalty.
+
+    From :data:`~spbench.results.OVERHEAD_SCHEMA` rows: ``step_flops`` (forward, backward and
+    optimizer of one step, counted by ``torch.utils.flop_counter``: matrix products and
+    convolutions), ``penalty_flops`` (the penalty's elementwise operations, counted
+    analytically), ``flops_percent`` = 100 · penalty_flops / step_flops, the measured median
+    ``step_seconds`` and ``penalty_seconds`` and ``time_percent`` = 100 · penalty_seconds /
+    step_seconds. One row per (arch, device, batch_size, image_size, penalty), in report order.
+    """
+    _check_runs(overhead, _OVERHEAD_COLUMNS, "overhead_table")
+    key = ["arch", "device", "batch_size", "image_size", "penalty"]
+    dup = overhead.duplicated(key, keep=False)
+    if dup.any():
+        example = overhead.loc[dup, key].head(1).to_dict("records")[0]
+        raise ValueError(f"overhead_table: several rows share one measurement key, e.g. {example}")
+    out = overhead[[*key, "step_flops", "penalty_flops", "step_seconds", "penalty_seconds"]].copy()
+    out["flops_percent"] = 100.0 * out["penalty_flops"].astype(float) / out["step_flops"].astype(float)
+    out["time_percent"] = 100.0 * out["penalty_seconds"].astype(float) / out["step_seconds"].astype(float)
+    out = _sort_rows(out, key)
+    return out[[*key, "step_flops", "penalty_flops", "flops_percent", "step_seconds", "penalty_seconds",
+                "time_percent"]]
+
+
+# --------------------------------------------------------------------------- labels
 
 
 def _fmt_hparam(x: float) -> str:
     return format(float(x), "g")
 
 
-def setting_labels(cells: pd.DataFrame) -> dict[tuple[str, float, float], str]:
-    """Column label of each (penalty, alpha, beta) setting present in ``cells``, in report order.
+def setting_labels(cells: pd.DataFrame) -> dict[tuple[str, float, float, float], str]:
+    """Label of each (penalty, alpha, beta, lr) setting present in ``cells``, in report order.
 
     A penalty seen with one setting is labelled by its name; one seen with several gets one
-    label per setting, e.g. ``l2_sp (α=0.1, β=0.01)``.
+    label per setting, e.g. ``l2_sp (α=0.1, β=0.01)``, with ``lr=…`` added only when that
+    penalty has several learning rates in ``cells``.
     """
-    settings = cells[["penalty", "alpha", "beta"]].drop_duplicates()
-    settings = sorted(
-        {(str(p), float(a), float(b)) for p, a, b in settings.itertuples(index=False)},
-        key=lambda s: (_penalty_key(s[0]), s[1], s[2]),
-    )
+    settings = _settings_of(cells)
     count: dict[str, int] = {}
-    for p, _, _ in settings:
+    lrs: dict[str, set[float]] = {}
+    for p, _, _, lr in settings:
         count[p] = count.get(p, 0) + 1
-    return {
-        (p, a, b): p if count[p] == 1 else f"{p} (α={_fmt_hparam(a)}, β={_fmt_hparam(b)})"
-        for p, a, b in settings
-    }
+        lrs.setdefault(p, set()).add(lr)
+    labels = {}
+    for p, a, b, lr in settings:
+        if count[p] == 1:
+            labels[(p, a, b, lr)] = p
+        else:
+            parts = [f"α={_fmt_hparam(a)}", f"β={_fmt_hparam(b)}"]
+            if len(lrs[p]) > 1:
+                parts.append(f"lr={_fmt_hparam(lr)}")
+            labels[(p, a, b, lr)] = f"{p} ({', '.join(parts)})"
+    return labels
 
 
-def _escape(text: str) -> str:
+def _setting_text(penalty: str, alpha: float, beta: float, lr: float) -> str:
+    return f"{penalty} (α={_fmt_hparam(alpha)}, β={_fmt_hparam(beta)}, lr={_fmt_hparam(lr)})"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class _Display:
+    """A table ready to print: a caption and rows of cells; a cell is one or more lines."""
+
+    name: str  # the file stem; the LaTeX label is tab:<name>
+    title: str  # "Table 2."
+    caption: str  # plain text after the title
+    header: list[str]
+    align: list[str]  # "l" or "r" per column
+    rows: list[list[tuple[str, ...]]] = field(default_factory=list)
+
+    def add(self, cells: Sequence[str | tuple[str, ...]]) -> None:
+        self.rows.append([c if isinstance(c, tuple) else (c,) for c in cells])
+
+
+def _md_escape(text: str) -> str:
     return str(text).replace("|", r"\|")
 
 
-def _fmt_cell(mean: float, std: float, n: int, n_max: int, fmt: str) -> str:
+def _to_markdown(table: _Display) -> str:
+    header = [_md_escape(h) for h in table.header]
+    body = [[_md_escape("  ".join(cell)) for cell in row] for row in table.rows]
+    widths = [max(3, *(len(row[i]) for row in [header, *body])) for i in range(len(header))]
+
+    def fmt_row(cols: list[str]) -> str:
+        padded = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cols, widths, table.align)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = ["-" * w if a == "l" else "-" * (w - 1) + ":" for w, a in zip(widths, table.align)]
+    lines = [f"**{table.title}** {table.caption}", "", fmt_row(header), "| " + " | ".join(rule) + " |",
+             *map(fmt_row, body)]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "<": r"\textless{}", ">": r"\textgreater{}",
+    "±": r"$\pm$", "α": r"$\alpha$", "β": r"$\beta$", "Δ": r"$\Delta$", "×": r"$\times$",
+    "²": r"$^2$", "√": r"$\surd$", "−": r"$-$", "→": r"$\to$", "≥": r"$\geq$", "≤": r"$\leq$",
+    "—": "---", "–": "--", "“": "``", "”": "''", "’": "'", "§": r"\S{}", "…": r"\ldots{}",
+}
+
+
+def _tex(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _to_latex(table: _Display) -> str:
+    def cell(lines: tuple[str, ...], align: str) -> str:
+        if len(lines) == 1:
+            return _tex(lines[0])
+        # several lines in one cell: a nested tabular, which needs no package beyond booktabs;
+        # "{}" keeps a line that opens with "[" from reading as the optional argument of \\
+        body = r"\\".join(("{}" if line.startswith("[") else "") + _tex(line) for line in lines)
+        return rf"\begin{{tabular}}[t]{{@{{}}{align}@{{}}}}" + body + r"\end{tabular}"
+
+    lines = [
+        r"\begin{table}[htbp]",
+        r"\centering",
+        rf"\caption{{{_tex(table.caption)}}}",
+        rf"\label{{tab:{table.name}}}",
+        rf"\begin{{tabular}}{{{''.join(table.align)}}}",
+        r"\toprule",
+        " & ".join(_tex(h) for h in table.header) + r" \\",
+        r"\midrule",
+        *(" & ".join(cell(c, a) for c, a in zip(row, table.align)) + r" \\" for row in table.rows),
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\end{table}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _to_html(table: _Display) -> str:
+    def attr(align: str) -> str:
+        return ' style="text-align:right"' if align == "r" else ' style="text-align:left"'
+
+    out = [f'<table class="spbench" id="{html.escape(table.name)}">',
+           f"<caption><b>{html.escape(table.title)}</b> {html.escape(table.caption)}</caption>",
+           "<thead>", "<tr>" + "".join(f"<th{attr(a)}>{html.escape(h)}</th>" for h, a in zip(table.header, table.align))
+           + "</tr>", "</thead>", "<tbody>"]
+    for row in table.rows:
+        cells = "".join(
+            f"<td{attr(a)}>" + "<br>".join(html.escape(line) for line in c) + "</td>" for c, a in zip(row, table.align)
+        )
+        out.append(f"<tr>{cells}</tr>")
+    out += ["</tbody>", "</table>"]
+    return "\n".join(out) + "\n"
+
+
+_RENDERERS: dict[str, Callable[[_Display], str]] = {"markdown": _to_markdown, "latex": _to_latex, "html": _to_html}
+
+
+def _render(table: _Display, fmt: str) -> str:
+    try:
+        return _RENDERERS[fmt](table)
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r} (known: {list(FORMATS)})") from None
+
+
+def _fmt_mean_std(mean: float, std: float, n: int, n_max: int, fmt: str) -> str:
     text = format(mean, fmt) + " ± " + ("n/a" if math.isnan(std) else format(std, ".2f"))
     return text if n == n_max else f"{text} (n={n})"
 
@@ -193,80 +682,320 @@ def _replicates_phrase(cells: pd.DataFrame) -> str:
     return f"up to {int(n.max())} replicates ((n=k) marks cells with fewer)"
 
 
-def render_markdown(
+def _has_delta(cells: pd.DataFrame) -> bool:
+    return all(c in cells.columns for c in [*_DELTA_COLUMNS, "is_baseline"]) and cells["delta"].notna().any()
+
+
+def _delta_text(r) -> str:
+    text = f"(Δ {r.delta:+.2f}"
+    if r.delta_n >= 2 and not math.isnan(r.delta_low):
+        text += f" [{r.delta_low:+.2f}, {r.delta_high:+.2f}]"
+    if int(r.delta_n) != int(r.n):
+        text += f", n={int(r.delta_n)}"
+    return text + ")"
+
+
+def _cells_display(
     cells: pd.DataFrame,
+    name: str,
+    title: str,
     caption: str,
     *,
-    fmt: str = ".2f",
+    fmt: str,
     extra_columns: Sequence[tuple[str, str]] = (),
-) -> str:
-    """A Markdown table of ``cells`` (the output of :func:`table2` or :func:`table3`).
-
-    One row per (source, target), one column per setting (:func:`setting_labels`), each cell
-    ``mean ± std`` with ``fmt`` for the mean and two decimals for the std (``n/a`` when
-    n == 1); a cell with fewer replicates than the most in the table shows ``(n=k)``, a
-    missing cell ``—``. ``extra_columns`` are (column of ``cells``, header) pairs shown after
-    the target as the row mean of that column. ``caption`` comes first, then a blank line.
-    """
-    _check_runs(cells, [*_CELL_COLUMNS, *(c for c, _ in extra_columns)], "render_markdown")
+    paper: Mapping[tuple[str, str], Mapping[str, str]] | None = None,
+    paper_extra: Mapping[tuple[str, str], Sequence[str]] | None = None,
+) -> _Display:
+    """Rows (source, target), one column per setting; optional rows "(paper)" after ours."""
     labels = setting_labels(cells)
     n_max = int(cells["n"].max())
-    rows = sorted(
-        {(str(s), str(t)) for s, t in cells[["source", "target"]].itertuples(index=False)},
-        key=lambda st: (_natural_key(st[0]), _natural_key(st[1])),
-    )
-    lookup = {
-        (r.source, r.target, r.penalty, float(r.alpha), float(r.beta)): r for r in cells.itertuples(index=False)
-    }
+    delta = _has_delta(cells)
+    multi = {p for p, *_ in labels if sum(q == p for q, *_ in labels) > 1}
+    lookup = {(r.source, r.target, r.penalty, float(r.alpha), float(r.beta), float(r.lr)): r
+              for r in cells.itertuples(index=False)}
     header = ["source", "target", *(h for _, h in extra_columns), *labels.values()]
-    numeric_from = 2
-    body = []
-    for source, target in rows:
+    table = _Display(name, title, caption, header, ["l", "l"] + ["r"] * (len(header) - 2))
+    for source, target in _pairs(cells):
         in_row = cells[(cells["source"] == source) & (cells["target"] == target)]
-        line = [source, target]
+        line: list[str | tuple[str, ...]] = [source, target]
         line += [format(float(in_row[c].mean()), ".2f") for c, _ in extra_columns]
         for setting in labels:
             r = lookup.get((source, target, *setting))
-            line.append("—" if r is None else _fmt_cell(r.mean, r.std, int(r.n), n_max, fmt))
-        body.append([_escape(x) for x in line])
-    header = [_escape(h) for h in header]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+            if r is None:
+                line.append("—")
+                continue
+            text = _fmt_mean_std(r.mean, r.std, int(r.n), n_max, fmt)
+            if delta and not math.isnan(r.delta):
+                line.append((text, _delta_text(r)))
+            elif delta and r.is_baseline and setting[0] in multi:
+                line.append((text, "(Δ reference)"))
+            else:
+                line.append(text)
+        table.add(line)
+        numbers = (paper or {}).get((source, target))
+        if numbers and any(p in numbers for p, *_ in labels):
+            extra = list((paper_extra or {}).get((source, target), [""] * len(extra_columns)))
+            table.add([source, f"{target} (paper)", *extra, *(numbers.get(p, "") for p, *_ in labels)])
+    return table
 
-    def fmt_row(cols: list[str]) -> str:
-        padded = [c.ljust(w) if i < numeric_from else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths))]
-        return "| " + " | ".join(padded) + " |"
 
-    rule = ["-" * w if i < numeric_from else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
-    lines = [caption, "", fmt_row(header), "| " + " | ".join(rule) + " |", *map(fmt_row, body)]
-    return "\n".join(lines) + "\n"
+def _table2_display(t2: pd.DataFrame) -> _Display:
+    caption = (
+        f"Target test accuracy (%), mean ± sample std over {_replicates_phrase(t2)}; "
+        "no frozen layers (freeze = 0); for a penalty whose setting was chosen on validation folds, "
+        "the chosen setting only."
+    )
+    if _has_delta(t2):
+        base = t2.loc[t2["is_baseline"].astype(bool), "penalty"]
+        name = base.iloc[0] if len(base) else "baseline"
+        caption += (
+            f" (Δ …): paired difference to the row's {name} cell over the replicates both have "
+            "(same seed), in percentage points, with its 95 % Student-t confidence interval [low, high]."
+        )
+    paper = {
+        key: {p: f"{m:.1f} ± {s:.1f}" for p, (m, s) in numbers.items()} for key, numbers in PAPER_TABLE2.items()
+    }
+    table = _cells_display(t2, "table2", "Table 2.", caption, fmt=".2f", paper=paper)
+    if any(row[1][0].endswith("(paper)") for row in table.rows):
+        table.caption += f" Rows “(paper)”: {_PAPER_CITE}, Table 2 (ResNet-101, mean ± std over 5 runs)."
+    return table
+
+
+def _table3_display(t3: pd.DataFrame) -> _Display:
+    caption = (
+        "Source-task accuracy drop (percentage points): fine-tuned backbone with the original source "
+        "head on source test data, minus the pretrained network's accuracy (negative = forgotten); "
+        f"mean ± sample std over {_replicates_phrase(t3)}; freeze = 0. "
+        "“pretrained (%)” is the pretrained network's source accuracy."
+    )
+    paper = {key: {p: f"{v:+.1f}" for p, v in numbers.items()} for key, numbers in PAPER_TABLE3.items()}
+    paper_extra = {(s, t): [f"{PAPER_PRETRAINED[s]:.1f}"] for s, t in PAPER_TABLE3}
+    table = _cells_display(t3, "table3", "Table 3.", caption, fmt="+.2f",
+                           extra_columns=[("source_accuracy_pretrained", "pretrained (%)")],
+                           paper=paper, paper_extra=paper_extra)
+    if any(row[1][0].endswith("(paper)") for row in table.rows):
+        table.caption += f" Rows “(paper)”: {_PAPER_CITE}, Table 3 (ResNet-101)."
+    return table
+
+
+def render_table2(t2: pd.DataFrame, fmt: str = "markdown") -> str:
+    """Table 2 (:func:`table2`) in the paper's layout, with its caption, as ``fmt`` (:data:`FORMATS`).
+
+    One row per (source, target), one column per setting (:func:`setting_labels`), each cell
+    ``mean ± std`` (``n/a`` when n == 1; ``(n=k)`` when fewer replicates than the most in the
+    table; ``—`` when missing) followed, when ``t2`` has paired differences, by
+    ``(Δ +d [low, high])`` in percentage points. After a (source, target) for which
+    :data:`PAPER_TABLE2` has numbers comes a row ``target (paper)`` with the paper's values.
+    """
+    _check_runs(t2, _CELL_COLUMNS, "render_table2")
+    return _render(_table2_display(t2), fmt)
+
+
+def render_table3(t3: pd.DataFrame, fmt: str = "markdown") -> str:
+    """Table 3 (:func:`table3`) in the paper's layout (signed drops), as ``fmt``; paper rows from
+    :data:`PAPER_TABLE3` and :data:`PAPER_PRETRAINED` where they exist."""
+    _check_runs(t3, [*_CELL_COLUMNS, "source_accuracy_pretrained"], "render_table3")
+    return _render(_table3_display(t3), fmt)
 
 
 def render_table2_markdown(t2: pd.DataFrame) -> str:
-    """Table 2 (:func:`table2`) in the paper's layout, with its caption."""
-    _check_runs(t2, _CELL_COLUMNS, "render_table2_markdown")
-    return render_markdown(t2, _TABLE2_CAPTION.format(reps=_replicates_phrase(t2)))
+    """Table 2 as Markdown: ``render_table2(t2, "markdown")``."""
+    return render_table2(t2, "markdown")
 
 
 def render_table3_markdown(t3: pd.DataFrame) -> str:
-    """Table 3 (:func:`table3`) in the paper's layout (signed drops), with its caption."""
-    _check_runs(t3, [*_CELL_COLUMNS, "source_accuracy_pretrained"], "render_table3_markdown")
-    return render_markdown(
-        t3,
-        _TABLE3_CAPTION.format(reps=_replicates_phrase(t3)),
-        fmt="+.2f",
-        extra_columns=[("source_accuracy_pretrained", "pretrained (%)")],
+    """Table 3 as Markdown: ``render_table3(t3, "markdown")``."""
+    return render_table3(t3, "markdown")
+
+
+def render_selection(selection: pd.DataFrame, fmt: str = "markdown") -> str:
+    """The model-selection table (:func:`selection_table`) as ``fmt``: one row per candidate
+    setting, its validation accuracy (mean ± std over folds × replicates) and ``yes`` on the
+    selected one."""
+    _check_runs(selection, [*GROUP, "n", "folds", "mean", "std", "selected"], "render_selection")
+    caption = (
+        "Model selection: each candidate setting trained on the training set less one fold and scored "
+        "on that fold; validation accuracy (%), mean ± sample std over folds × replicates (runs). "
+        "Per source, target and penalty the highest mean is selected (ties: smallest α, then β, then lr). "
+        "The test set is not used."
     )
+    header = ["source", "target", "penalty", "α", "β", "lr", "runs", "folds", "validation accuracy (%)", "selected"]
+    table = _Display("selection", "Model selection.", caption, header, ["l"] * 3 + ["r"] * 6 + ["l"])
+    for r in selection.itertuples(index=False):
+        acc = "—" if math.isnan(r.mean) else _fmt_mean_std(r.mean, r.std, 0, 0, ".2f")
+        table.add([r.source, r.target, r.penalty, _fmt_hparam(r.alpha), _fmt_hparam(r.beta), _fmt_hparam(r.lr),
+                   str(int(r.n)), str(int(r.folds)), acc, "yes" if r.selected else ""])
+    return _render(table, fmt)
 
 
-# --------------------------------------------------------------------------- figure
+def render_paired(paired: pd.DataFrame, fmt: str = "markdown") -> str:
+    """The paired differences (:func:`paired_differences`) as ``fmt``: one row per setting with
+    its baseline, n, mean difference ± sd and the 95 % confidence interval."""
+    _check_runs(paired, [*GROUP, "baseline_penalty", "baseline_alpha", "baseline_beta", "baseline_lr",
+                         "baseline_rule", "n", "delta", "sd", "ci_low", "ci_high"], "render_paired")
+    rules = sorted(set(paired["baseline_rule"]))
+    caption = (
+        "Paired differences of target test accuracy (percentage points; freeze = 0): each setting minus "
+        "the baseline setting of the same source and target, over the replicates both have (a replicate "
+        "index fixes the seed: head initialisation and batch order); mean Δ, its sample std and the 95 % "
+        "Student-t confidence interval Δ ± t(0.975, n−1)·sd/√n (n/a when n < 2). Baseline: "
+        + "; ".join(rules) + "."
+    )
+    header = ["source", "target", "penalty", "α", "β", "lr", "baseline", "n", "Δ", "sd", "95 % CI"]
+    table = _Display("paired", "Paired differences.", caption, header, ["l"] * 3 + ["r"] * 3 + ["l"] + ["r"] * 4)
+    for r in paired.itertuples(index=False):
+        ci = "n/a" if math.isnan(r.ci_low) else f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+        table.add([r.source, r.target, r.penalty, _fmt_hparam(r.alpha), _fmt_hparam(r.beta), _fmt_hparam(r.lr),
+                   _setting_text(r.baseline_penalty, r.baseline_alpha, r.baseline_beta, r.baseline_lr),
+                   str(int(r.n)), f"{r.delta:+.2f}", "n/a" if math.isnan(r.sd) else f"{r.sd:.2f}", ci])
+    return _render(table, fmt)
+
+
+def _si(x: float) -> str:
+    """4.2e9 -> ``4.20 G``: three significant digits and an SI prefix."""
+    if x == 0 or not math.isfinite(x):
+        return format(x, "g")
+    exponent = min(max(int(math.floor(math.log10(abs(x)) / 3)), 0), 5)
+    prefix = ["", "k", "M", "G", "T", "P"][exponent]
+    return f"{x / 1000 ** exponent:.3g} {prefix}".rstrip()
+
+
+def render_overhead(table_: pd.DataFrame, fmt: str = "markdown") -> str:
+    """The overhead table (:func:`overhead_table`) as ``fmt``; its caption says how FLOPs were counted."""
+    _check_runs(table_, ["arch", "device", "batch_size", "image_size", "penalty", "step_flops", "penalty_flops",
+                         "flops_percent", "step_seconds", "penalty_seconds", "time_percent"], "render_overhead")
+    caption = (
+        "Compute overhead of the penalty in one training step. Step FLOPs (forward, backward, optimizer) "
+        "are counted by torch.utils.flop_counter, which counts matrix products and convolutions; the "
+        "penalty's elementwise operations are counted analytically. Seconds: measured medians."
+    )
+    if (table_["arch"] == "resnet101").any():
+        caption += f" {_PAPER_CITE}, §4.4.1: L2-SP adds less than 1 % to the FLOPs of a ResNet-101 step."
+    header = ["arch", "device", "batch", "image", "penalty", "step FLOPs", "penalty FLOPs", "FLOPs (%)",
+              "step (s)", "penalty (s)", "time (%)"]
+    table = _Display("overhead", "Overhead.", caption, header, ["l", "l", "r", "r", "l"] + ["r"] * 6)
+    for r in table_.itertuples(index=False):
+        table.add([r.arch, r.device, str(int(r.batch_size)), str(int(r.image_size)), r.penalty, _si(r.step_flops),
+                   _si(r.penalty_flops), f"{r.flops_percent:.3g}", f"{r.step_seconds:.3g}",
+                   f"{r.penalty_seconds:.3g}", f"{r.time_percent:.3g}"])
+    return _render(table, fmt)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figure_context():
+    """The paper-like style: white grid, readable fonts, for Figures built without pyplot."""
+    import contextlib
+
+    import seaborn as sns
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(sns.axes_style("whitegrid"))
+    stack.enter_context(sns.plotting_context("paper", font_scale=1.15))
+    return stack
+
+
+def _palette(names: Sequence[str]) -> dict[str, tuple]:
+    import seaborn as sns
+
+    # the colour-blind palette has 10 colours; more series get evenly spaced hues instead of repeats
+    colours = sns.color_palette("colorblind" if len(names) <= 10 else "husl", max(len(names), 1))
+    return dict(zip(names, colours))
+
+
+def _hparam_tick(x: float) -> str:
+    """0 -> ``0``; powers of ten as 10^k (mathtext); other values as ``%g``."""
+    if x == 0:
+        return "0"
+    k = math.log10(abs(x))
+    if abs(k - round(k)) < 1e-9:
+        return "1" if round(k) == 0 else rf"$10^{{{int(round(k))}}}$"
+    return _fmt_hparam(x)
+
+
+def fig1(
+    runs: pd.DataFrame,
+    penalty: str = "l2_sp",
+    source: str | None = None,
+    target: str | None = None,
+    *,
+    x: str = "beta",
+):
+    """Fig. 1: target test accuracy (%) over the α × β grid of one penalty.
+
+    Over the test runs with ``freeze == 0`` of ``penalty`` on one (source, target) that has
+    several alpha and several beta values (the first such pair in report order unless
+    ``source`` / ``target`` say which). As in the paper's figure, x = β on a categorical axis
+    (0, 10⁻⁴, …) and one line per α (``x="alpha"`` swaps the two); a point is the mean over
+    replicates with a ± sample-std error bar when there are several. One facet per learning
+    rate when the grid has several. Returns a :class:`matplotlib.figure.Figure` not managed
+    by pyplot.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    import seaborn as sns
+
+    if x not in ("alpha", "beta"):
+        raise ValueError(f"fig1: x must be 'alpha' or 'beta', not {x!r}")
+    hue = "alpha" if x == "beta" else "beta"
+    symbol = {"alpha": "α", "beta": "β"}
+    _check_runs(runs, _required("test_accuracy"), "fig1")
+    test = _test_runs(_slim(runs, "test_accuracy"), "fig1")
+    sel = test[test["penalty"] == penalty]
+    if source is not None:
+        sel = sel[sel["source"] == source]
+    if target is not None:
+        sel = sel[sel["target"] == target]
+    grids = [
+        (s, t) for s, t in _pairs(sel)
+        if sel.loc[(sel["source"] == s) & (sel["target"] == t), "alpha"].nunique() > 1
+        and sel.loc[(sel["source"] == s) & (sel["target"] == t), "beta"].nunique() > 1
+    ]
+    if not grids:
+        where = "".join(f", {k} = {v!r}" for k, v in (("source", source), ("target", target)) if v is not None)
+        raise InsufficientDataError(
+            f"fig1: no (source, target) has test runs (freeze == 0) of penalty {penalty!r} with several "
+            f"alpha and several beta values{where}"
+        )
+    if len(grids) > 1:
+        logger.info("fig1: %d (source, target) pairs have an α × β grid; drawing %s", len(grids), grids[0])
+    source, target = grids[0]
+    data = sel[(sel["source"] == source) & (sel["target"] == target)].copy()
+    data["accuracy"] = data["test_accuracy"].astype(float) * 100.0
+    xs = sorted(data[x].astype(float).unique())
+    hues = sorted(data[hue].astype(float).unique())
+    data["_x"] = data[x].astype(float).map(dict(zip(xs, map(_hparam_tick, xs))))
+    data["_hue"] = data[hue].astype(float).map({h: f"{symbol[hue]} = {_hparam_tick(h)}" for h in hues})
+    hue_order = [f"{symbol[hue]} = {_hparam_tick(h)}" for h in hues]
+    palette = _palette(hue_order)
+    lrs = sorted(data["lr"].astype(float).unique())
+    several = data.groupby([*SETTING], dropna=False)["accuracy"].count().max() > 1
+
+    with _figure_context():
+        fig = Figure(figsize=(3.2 * len(lrs) + 1.8, 3.4), layout="constrained")
+        axes = fig.subplots(1, len(lrs), sharey=True, squeeze=False)[0]
+        for ax, lr in zip(axes, lrs):
+            sub = data[data["lr"] == lr]
+            sns.pointplot(data=sub, x="_x", y="accuracy", hue="_hue", order=[_hparam_tick(v) for v in xs],
+                          hue_order=hue_order, palette=palette, errorbar="sd" if several else None,
+                          capsize=0.08, markersize=5, linewidth=1.4, legend=False, ax=ax)
+            title = f"{penalty}: {source} → {target}"
+            ax.set_title(title if len(lrs) == 1 else f"{title}, lr = {_fmt_hparam(lr)}")
+            ax.set_xlabel(symbol[x])
+            ax.set_ylabel("test accuracy (%)" if ax is axes[0] else "")
+        handles = [Line2D([], [], color=palette[h], marker="o", label=h) for h in hue_order]
+        fig.legend(handles=handles, title=symbol[hue], loc="outside right upper", frameon=False)
+    return fig
 
 
 def fig2(runs: pd.DataFrame):
     """Fig. 2: target test accuracy (%) per target, one colour per penalty setting.
 
-    One facet per source; x = target, hue = setting (labelled as in the tables, legend title
-    "penalty"); a point with error bar = mean ± sample std (ddof = 1) over replicates, small
-    dots = the individual replicates. Only runs with ``freeze == 0``. Returns a
+    One facet per source; x = target, hue = setting (the reported settings of Table 2,
+    labelled as there, in :data:`PENALTY_ORDER`; legend title "penalty"); a point with error
+    bar = mean ± sample std (ddof = 1) over replicates, small dots = the individual
+    replicates. Test runs with ``freeze == 0`` only. Returns a
     :class:`matplotlib.figure.Figure` not managed by pyplot (no GUI backend, nothing global
     to close); save it with ``fig.savefig``.
     """
@@ -274,23 +1003,24 @@ def fig2(runs: pd.DataFrame):
     from matplotlib.lines import Line2D
     import seaborn as sns
 
-    _check_runs(runs, [*_IDENTITY, "test_accuracy"], "fig2")
-    sel = _unfrozen(runs, "fig2")
+    _check_runs(runs, _required("test_accuracy"), "fig2")
+    runs = _slim(runs, "test_accuracy")
+    sel = _reported(_test_runs(runs, "fig2"), _selected_or_none(runs), "fig2")
     labels = setting_labels(sel)
     data = sel[GROUP].copy()
-    settings = sel[["penalty", "alpha", "beta"]].itertuples(index=False)
-    data["setting"] = [labels[(p, float(a), float(b))] for p, a, b in settings]
+    settings = sel[SETTING].itertuples(index=False)
+    data["setting"] = [labels[(p, float(a), float(b), float(lr))] for p, a, b, lr in settings]
     data["accuracy"] = sel["test_accuracy"].astype(float) * 100.0
     sources = sorted(data["source"].unique(), key=_natural_key)
     targets = sorted(data["target"].unique(), key=_natural_key)
     hue_order = list(labels.values())
-    palette = dict(zip(hue_order, sns.color_palette("colorblind", len(hue_order))))
+    palette = _palette(hue_order)
     # stripplot's dodge splits a width of 0.8 into len(hue_order) slots; this pointplot
     # dodge puts each mean on the centre of its slot.
     dodge = 0.8 * (len(hue_order) - 1) / len(hue_order)
 
     facet_w = max(3.0, 0.35 * len(targets) * len(hue_order) + 1.0)
-    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+    with _figure_context():
         fig = Figure(figsize=(facet_w * len(sources) + 2.2, 3.6), layout="constrained")
         axes = fig.subplots(1, len(sources), sharey=True, squeeze=False)[0]
         for ax, source in zip(axes, sources):
@@ -308,23 +1038,271 @@ def fig2(runs: pd.DataFrame):
     return fig
 
 
+def _fig3_setting(
+    frozen: pd.DataFrame, chosen: Mapping, source: str, target: str, penalty: str
+) -> tuple[str, float, float, float]:
+    """The setting Fig. 3 draws: the selected one if it was run frozen, else the frozen runs'
+    setting (with several, the one with most runs; ties: smallest alpha, beta, lr)."""
+    setting = chosen.get((source, target, penalty))
+    if setting is not None and _is_setting(frozen, setting).any():
+        return setting
+    counts = frozen.groupby(SETTING, dropna=False)["test_accuracy"].count().reset_index()
+    counts = counts.assign(_n=-counts["test_accuracy"]).sort_values(["_n", "alpha", "beta", "lr"], kind="stable")
+    best = counts.iloc[0]
+    if len(counts) > 1:
+        logger.info("fig3: %s -> %s, %s has several frozen settings; drawing the one with most runs",
+                    source, target, penalty)
+    return (penalty, float(best["alpha"]), float(best["beta"]), float(best["lr"]))
+
+
+def fig3(runs: pd.DataFrame, penalties: Sequence[str] = ("l2", "l2_sp")):
+    """Fig. 3: target test accuracy (%) against the freeze depth, one line per penalty.
+
+    Test runs with ``freeze > 0`` of ``penalties``; one facet per (source, target) that has
+    some. Per penalty one setting: the one selected on validation folds when it was run frozen,
+    else the setting of the frozen runs (with several, the one with most runs). A point with
+    error bar = mean ± sample std over replicates at that depth; the dashed horizontal line in
+    the same colour = the mean of the same setting with nothing frozen (``freeze == 0``), as
+    the paper's dashed lines. Returns a :class:`matplotlib.figure.Figure` not managed by pyplot.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    _check_runs(runs, _required("test_accuracy"), "fig3")
+    runs = _slim(runs, "test_accuracy")
+    test = _test_runs(runs, "fig3", unfrozen=False)
+    penalties = list(penalties)
+    frozen = test[(test["freeze"] > 0) & test["penalty"].isin(penalties)]
+    if frozen.empty:
+        raise InsufficientDataError(f"fig3: no test runs with freeze > 0 for the penalties {penalties}")
+    chosen = _selected_or_none(runs)
+    pairs = _pairs(frozen)
+    palette = _palette(penalties)
+    with _figure_context():
+        fig = Figure(figsize=(3.6 * len(pairs) + 1.6, 3.4), layout="constrained")
+        axes = fig.subplots(1, len(pairs), sharey=False, squeeze=False)[0]
+        for ax, (source, target) in zip(axes, pairs):
+            here = test[(test["source"] == source) & (test["target"] == target)]
+            depths = sorted(int(d) for d in frozen.loc[(frozen["source"] == source)
+                                                       & (frozen["target"] == target), "freeze"].unique())
+            for penalty in penalties:
+                fr = frozen[(frozen["source"] == source) & (frozen["target"] == target)
+                            & (frozen["penalty"] == penalty)]
+                if fr.empty:
+                    continue
+                setting = _fig3_setting(fr, chosen, source, target, penalty)
+                runs_s = here[_is_setting(here, setting)]
+                acc = runs_s.assign(acc=runs_s["test_accuracy"].astype(float) * 100.0)
+                stats = acc[acc["freeze"] > 0].groupby("freeze")["acc"].agg(["mean", "std", "count"])
+                ax.errorbar(stats.index.to_numpy(dtype=float), stats["mean"].to_numpy(),
+                            yerr=stats["std"].fillna(0.0).to_numpy() if (stats["count"] > 1).any() else None,
+                            color=palette[penalty], marker="o", markersize=4.5, linewidth=1.4, capsize=3,
+                            label=penalty)
+                level = acc.loc[acc["freeze"] == 0, "acc"]
+                if level.notna().any():
+                    ax.axhline(float(level.mean()), color=palette[penalty], linestyle="--", linewidth=1.2)
+            ax.set_xticks(depths)
+            ax.set_title(f"{source} → {target}")
+            ax.set_xlabel("frozen up to layer (freeze depth)")
+            ax.set_ylabel("test accuracy (%)" if ax is axes[0] else "")
+        present = [p for p in penalties if (frozen["penalty"] == p).any()]
+        handles = [Line2D([], [], color=palette[p], marker="o", label=p) for p in present]
+        handles.append(Line2D([], [], color="0.35", linestyle="--", label="no freezing"))
+        fig.legend(handles=handles, title="penalty", loc="outside right upper", frameon=False)
+    return fig
+
+
+def fig4(r2: pd.DataFrame):
+    """Fig. 4: per-layer boxplots of R² (fine-tuned activation of a unit regressed on its
+    pretrained activation, on target images).
+
+    From :data:`~spbench.results.R2_SCHEMA` rows; one facet per (source, target); x = layer
+    (``layer_index``, forward order), hue = penalty (labelled with α and β when a penalty comes
+    with several), one box per (layer, penalty) over all its units and replicates. The y axis
+    spans [min(0, smallest R²), 1], plus a margin of 0.02 at both ends. Returns a
+    :class:`matplotlib.figure.Figure` not managed by pyplot.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    import seaborn as sns
+
+    _check_runs(r2, _R2_COLUMNS, "fig4")
+    dup = r2.duplicated(["source", "target", "penalty", "alpha", "beta", "replicate", "layer", "unit"], keep=False)
+    if dup.any():
+        raise ValueError("fig4: several R² rows share one (source, target, setting, replicate, layer, unit)")
+    data = r2.copy()
+    data["lr"] = 0.0  # R² rows carry no learning rate: label settings by (penalty, alpha, beta)
+    labels = setting_labels(data)
+    data["setting"] = [labels[(p, float(a), float(b), 0.0)] for p, a, b in data[["penalty", "alpha", "beta"]]
+                       .itertuples(index=False)]
+    hue_order = list(labels.values())
+    palette = _palette(hue_order)
+    pairs = _pairs(data)
+    low = min(0.0, float(data["r2"].min()))
+    with _figure_context():
+        n_layers = data["layer_index"].nunique()
+        fig = Figure(figsize=(max(4.0, 0.25 * n_layers * len(hue_order) + 2.0) + 1.8, 3.2 * len(pairs)),
+                     layout="constrained")
+        axes = fig.subplots(len(pairs), 1, squeeze=False)[:, 0]
+        for ax, (source, target) in zip(axes, pairs):
+            sub = data[(data["source"] == source) & (data["target"] == target)]
+            order = sorted(int(i) for i in sub["layer_index"].unique())
+            with warnings.catch_warnings():
+                # seaborn 0.13 still passes matplotlib's deprecated `vert` to bxp
+                warnings.filterwarnings("ignore", message=r".*vert: bool.*")
+                sns.boxplot(data=sub, x="layer_index", y="r2", hue="setting", order=order, hue_order=hue_order,
+                            palette=palette, fliersize=1.5, linewidth=0.8, legend=False, ax=ax)
+            ax.set_ylim(low - 0.02, 1.02)  # a margin, so that boxes at 0 or 1 are not cut by the frame
+            ax.set_title(f"{source} → {target}")
+            ax.set_xlabel("layer (forward order)")
+            ax.set_ylabel("R² (fine-tuned on pretrained)")
+        handles = [Patch(facecolor=palette[h], edgecolor="0.3", label=h) for h in hue_order]
+        fig.legend(handles=handles, title="penalty", loc="outside right upper", frameon=False)
+    return fig
+
+
 # --------------------------------------------------------------------------- writing
 
 
-def write_reports(runs: pd.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
-    """Write table2.md, table3.md, table2.csv, table3.csv and fig2.png into ``out_dir``.
+_TABLE_SUFFIXES = (("md", "markdown"), ("tex", "latex"), ("html", "html"))
 
-    The CSV files hold :func:`table2` / :func:`table3` at full precision; the PNG is
-    :func:`fig2` at 150 dpi. Returns the paths written, in that order.
+
+def write_reports(
+    runs: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    *,
+    r2: pd.DataFrame | None = None,
+    overhead: pd.DataFrame | None = None,
+    fig1_penalty: str = "l2_sp",
+    fig1_target: str | None = None,
+    fig3_penalties: Sequence[str] = ("l2", "l2_sp"),
+) -> list[Path]:
+    """Write every table and figure the data support into ``out_dir``; return the paths written.
+
+    Tables (each as ``.md``, ``.tex``, ``.html`` and ``.csv``, the CSV being the builder's
+    frame at full precision): ``table2`` (with the paired Δ to l2), ``table3``, ``selection``
+    (needs validation runs), ``paired`` (needs l2 test runs), ``overhead`` (needs
+    ``overhead``). Figures (``.png`` at 150 dpi and ``.pdf``): ``fig1`` (needs an α × β grid
+    of ``fig1_penalty``, on ``fig1_target`` if given), ``fig2``, ``fig3`` (needs runs of
+    ``fig3_penalties`` with freeze > 0), ``fig4`` (needs ``r2``).
+    An output the data cannot support (:class:`InsufficientDataError`) is skipped with a log
+    message; any other error stops before anything is written, as does having nothing to write.
     """
+    _check_runs(runs, _required("test_accuracy"), "write_reports")
+    if r2 is not None:
+        _check_runs(r2, _R2_COLUMNS, "write_reports (r2)")
+    if overhead is not None:
+        _check_runs(overhead, _OVERHEAD_COLUMNS, "write_reports (overhead)")
+
+    def attempt(name: str, build: Callable[[], object]):
+        try:
+            return build()
+        except InsufficientDataError as err:
+            logger.warning("skipping %s: %s", name, err)
+            return None
+
+    tables: list[tuple[str, pd.DataFrame, Callable[[pd.DataFrame, str], str]]] = []
+    figures: list[tuple[str, object]] = []
+    for name, build, render in [
+        ("table2", lambda: table2(runs), render_table2),
+        ("table3", lambda: table3(runs), render_table3),
+        ("selection", lambda: selection_table(runs), render_selection),
+        ("paired", lambda: paired_differences(runs), render_paired),
+    ]:
+        frame = attempt(name, build)
+        if frame is not None and not frame.empty:
+            tables.append((name, frame, render))
+        elif frame is not None:
+            logger.warning("skipping %s: no rows", name)
+    if overhead is not None:
+        tables.append(("overhead", overhead_table(overhead), render_overhead))
+    else:
+        logger.info("skipping overhead: no overhead table given")
+    for name, build in [
+        ("fig1", lambda: fig1(runs, fig1_penalty, target=fig1_target)),
+        ("fig2", lambda: fig2(runs)),
+        ("fig3", lambda: fig3(runs, fig3_penalties)),
+    ]:
+        figure = attempt(name, build)
+        if figure is not None:
+            figures.append((name, figure))
+    if r2 is not None:
+        figures.append(("fig4", fig4(r2)))
+    else:
+        logger.info("skipping fig4: no R² table given")
+    if not tables and not figures:
+        raise InsufficientDataError("write_reports: the data support no table and no figure (see the log)")
+
     out = Path(out_dir)
-    t2, t3 = table2(runs), table3(runs)
-    figure = fig2(runs)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / name for name in ("table2.md", "table3.md", "table2.csv", "table3.csv", "fig2.png")]
-    paths[0].write_text(render_table2_markdown(t2), encoding="utf-8")
-    paths[1].write_text(render_table3_markdown(t3), encoding="utf-8")
-    t2.to_csv(paths[2], index=False)
-    t3.to_csv(paths[3], index=False)
-    figure.savefig(paths[4], dpi=150)
+    paths: list[Path] = []
+    for name, frame, render in tables:
+        for suffix, fmt in _TABLE_SUFFIXES:
+            path = out / f"{name}.{suffix}"
+            path.write_text(render(frame, fmt), encoding="utf-8")
+            paths.append(path)
+        path = out / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        paths.append(path)
+    for name, figure in figures:
+        png, pdf = out / f"{name}.png", out / f"{name}.pdf"
+        figure.savefig(png, dpi=150)
+        figure.savefig(pdf, metadata={"CreationDate": None})
+        paths += [png, pdf]
+    logger.info("wrote %d files into %s", len(paths), out)
     return paths
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _read_typed(path: str | os.PathLike, schema, what: str) -> pd.DataFrame:
+    """Read a Parquet table whose columns must be exactly those of ``schema``."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    names = [f.name for f in schema]
+    if sorted(table.schema.names) != sorted(names):
+        missing = sorted(set(names) - set(table.schema.names))
+        extra = sorted(set(table.schema.names) - set(names))
+        raise SchemaError(f"{path}: columns differ from the {what} schema (missing {missing}, extra {extra})")
+    return table.select(names).cast(schema).to_pandas()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: regenerate every table and figure from stored results, without training.
+
+    ``python -m spbench.reports RUNS_PARQUET OUT_DIR [--r2 R2_PARQUET] [--overhead OVERHEAD_PARQUET]
+    [--fig1-penalty NAME] [--fig1-target NAME] [--fig3-penalties NAME,NAME]``; prints the paths written, one a line.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m spbench.reports",
+        description="Regenerate every table and figure from stored results (no training).",
+    )
+    parser.add_argument("runs", metavar="RUNS_PARQUET", help="the run table (results/runs.parquet)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the tables and figures")
+    parser.add_argument("--r2", metavar="R2_PARQUET", help="per-unit R² table for Fig. 4")
+    parser.add_argument("--overhead", metavar="OVERHEAD_PARQUET", help="step-cost table for the overhead table")
+    parser.add_argument("--fig1-penalty", default="l2_sp", metavar="NAME",
+                        help="penalty whose α × β grid Fig. 1 draws (default: %(default)s)")
+    parser.add_argument("--fig1-target", default=None, metavar="NAME",
+                        help="target whose grid Fig. 1 draws (default: the first that has one)")
+    parser.add_argument("--fig3-penalties", default="l2,l2_sp", metavar="NAME,NAME",
+                        help="comma-separated penalties Fig. 3 draws (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # matplotlib notes at INFO that categorical ticks such as "0" or "1" look like numbers
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    runs = read_parquet(args.runs)
+    r2 = _read_typed(args.r2, R2_SCHEMA, "R²") if args.r2 else None
+    overhead = _read_typed(args.overhead, OVERHEAD_SCHEMA, "overhead") if args.overhead else None
+    fig3_penalties = [p.strip() for p in args.fig3_penalties.split(",") if p.strip()]
+    paths = write_reports(runs, args.out_dir, r2=r2, overhead=overhead, fig1_penalty=args.fig1_penalty,
+                          fig1_target=args.fig1_target, fig3_penalties=fig3_penalties)
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

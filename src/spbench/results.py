@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 __all__ = [
     "SCHEMA",
     "IDENTITY",
+    "R2_SCHEMA",
+    "OVERHEAD_SCHEMA",
     "SchemaError",
     "write_json_atomic",
     "write_record",
@@ -36,12 +38,15 @@ SCHEMA = pa.schema(
     [
         # identity of the run (its output path spells these)
         ("run_key", pa.string()),
+        ("experiment", pa.string()),  # main | select | alpha_beta | freeze (spbench.config.EXPERIMENTS)
         ("source", pa.string()),
         ("target", pa.string()),
         ("penalty", pa.string()),
         ("alpha", pa.float64()),
         ("beta", pa.float64()),
         ("freeze", pa.int64()),
+        ("evaluation", pa.string()),  # "test": train on the training set, score on the test set;
+        # "val{f}": train on the training set less fold f, score on fold f (model selection)
         ("replicate", pa.int64()),
         ("seed", pa.int64()),
         # how the penalty and training were set up
@@ -61,7 +66,7 @@ SCHEMA = pa.schema(
         ("n_inherited_tensors", pa.int64()),
         ("n_head_tensors", pa.int64()),
         # outcomes
-        ("test_accuracy", pa.float64()),
+        ("test_accuracy", pa.float64()),  # accuracy on the evaluation split: the test set, or fold f for val{f}
         ("final_train_loss", pa.float64()),
         ("source_accuracy", pa.float64()),
         ("source_accuracy_pretrained", pa.float64()),
@@ -78,7 +83,40 @@ SCHEMA = pa.schema(
 )
 
 #: The columns that identify a run; no two rows of a valid table share them.
-IDENTITY = ["source", "target", "penalty", "alpha", "beta", "freeze", "replicate"]
+IDENTITY = ["experiment", "source", "target", "penalty", "alpha", "beta", "lr", "freeze", "evaluation", "replicate"]
+
+#: Fig. 4's table (results/activations.parquet): one row per unit (output channel) of each
+#: layer, the R² of its fine-tuned activation regressed on its pretrained activation.
+R2_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("target", pa.string()),
+        ("penalty", pa.string()),
+        ("alpha", pa.float64()),
+        ("beta", pa.float64()),
+        ("replicate", pa.int64()),
+        ("layer", pa.string()),  # module name, e.g. backbone.stage2.conv1
+        ("layer_index", pa.int64()),  # position in forward order, from 1
+        ("unit", pa.int64()),
+        ("r2", pa.float64()),
+    ]
+)
+
+#: §4.4.1's table (results/overhead.parquet): the cost of one training step with a penalty.
+OVERHEAD_SCHEMA = pa.schema(
+    [
+        ("arch", pa.string()),
+        ("penalty", pa.string()),
+        ("batch_size", pa.int64()),
+        ("image_size", pa.int64()),
+        ("step_flops", pa.float64()),  # forward + backward + optimizer, counted by torch.utils.flop_counter
+        ("penalty_flops", pa.float64()),  # elementwise operations of add_grad_, counted analytically
+        ("flops_ratio", pa.float64()),  # penalty_flops / step_flops
+        ("step_seconds", pa.float64()),  # measured, median
+        ("penalty_seconds", pa.float64()),  # add_grad_ alone, measured, median
+        ("device", pa.string()),
+    ]
+)
 
 
 class SchemaError(ValueError):

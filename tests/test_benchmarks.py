@@ -1,0 +1,69 @@
+"""Smoke tests of the benchmark scripts in benchmarks/: each runs with ``--quick --json`` on the
+demo network and prints one JSON object with the expected keys and positive numbers. No timing
+is asserted (the machine may be busy)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+from spbench.penalties import PENALTIES
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, capsys) -> dict:
+    """Run ``benchmarks/<script> --quick --json --threads 1`` through its ``main(argv)`` in this
+    process (a subprocess would pay the torch import again, seconds on a busy machine) and
+    parse what it printed."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{Path(script).stem}", BENCH / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    assert module.main(["--quick", "--json", "--threads", "1"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_penalty_overhead_quick(capsys):
+    res = _run("penalty_overhead.py", capsys)
+    for key in ("device", "device_name", "torch", "arch", "batch", "image_size", "dtype", "memory_measure", "fisher", "rows"):
+        assert key in res, key
+    assert res["arch"] == "demo_resnet" and res["image_size"] == 16 and res["channels"] == 1
+    rows = {row["variant"]: row for row in res["rows"]}
+    expected = set(PENALTIES) | {"baseline_loss_l2_sp", "l1_sp/prox", "gl_sp/prox", "gl_sp_fisher/prox"}
+    assert expected <= set(rows)
+    for name, row in rows.items():
+        for key in ("step_ms", "overhead_pct", "penalty_only_ms", "add_grad_ms", "penalised_elements", "peak_mem_delta_bytes", "state_bytes"):
+            assert key in row, (name, key)
+        assert _positive(row["step_ms"]), name
+        assert math.isfinite(row["overhead_pct"])
+        if name != "none":
+            assert _positive(row["penalised_elements"]), name
+            assert _positive(row["penalty_only_ms"]), name
+    assert rows["none"]["overhead_pct"] == 0
+    for name in ("l2_sp", "l2_sp_fisher", "baseline_loss_l2_sp"):
+        assert _positive(rows[name]["state_bytes"]), name
+    # The baseline penalises the same elements as l2_sp.
+    assert rows["baseline_loss_l2_sp"]["penalised_elements"] == rows["l2_sp"]["penalised_elements"]
+    ratio = res["baseline_over_l2_sp_overhead"]
+    assert ratio is None or math.isfinite(ratio)
+    assert _positive(res["baseline_over_l2_sp_penalty_only"])
+
+
+def test_fisher_cost_quick(capsys):
+    res = _run("fisher_cost.py", capsys)
+    for key in ("device", "device_name", "torch", "arch", "classes", "images", "batch", "ratios", "rows"):
+        assert key in res, key
+    assert res["arch"] == "demo_resnet" and res["classes"] == 7
+    rows = {row["measure"]: row for row in res["rows"]}
+    assert set(rows) == {"fwd_bwd", "k_grads", "fisher_exact", "fisher_mc1", "train_b1", "train_batch"}
+    for name, row in rows.items():
+        assert _positive(row["images_per_s"]) and _positive(row["median_s"]), name
+    for key in ("exact_over_k_grads", "mc1_over_train_b1", "mc1_over_train_batch"):
+        assert _positive(res["ratios"][key]), key

@@ -1,0 +1,5 @@
+"""Checkpoint select_setting: choose a penalty's (alpha, beta, lr) on validation folds."""
+from spbench.pipeline import select_setting, setup_logging
+
+setup_logging(snakemake.log[0])
+select_setting(snakemake.input.records, snakemake.output.selection)
