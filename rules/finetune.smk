@@ -1,5 +1,6 @@
 # One fine-tune per (source, target, penalty, alpha, beta, freeze depth, replicate); the output
-# path spells the run's identity, and the run's seed is derived from it.
+# path spells the run's identity, and the run's seed is derived from it. A preempted run
+# (SIGTERM) leaves a checkpoint and fails; its retry resumes from the checkpoint.
 
 
 rule finetune:
@@ -18,10 +19,15 @@ rule finetune:
         f"logs/finetune/{RUN_PATTERN}.log",
     params:
         run_key=lambda wildcards: get_run_spec(wildcards).key,
+        # Not an output: Snakemake deletes the outputs of a failed attempt, and the
+        # checkpoint must outlive it (a preempted run resumes from it).
+        checkpoint=lambda wildcards: checkpoint_path(get_run_spec(wildcards)),
     threads: config["finetune"]["threads"]
     resources:
-        mem_mb=2000,
-        runtime=30,
+        **get_cluster_resources(),
+    # On a cluster, `--group-components finetunes=N` packs N fine-tunes into one allocation.
+    group:
+        "finetunes"
     conda:
         "../envs/spbench.yaml"
     script:

@@ -1,8 +1,9 @@
-"""Rule finetune: one fine-tune run -> its record (the source of truth), then MLflow."""
+"""Rule finetune: one fine-tune run -> its record (the source of truth), then MLflow.
+On SIGTERM the run checkpoints and fails (spbench.train.Preempted); the retry resumes."""
 from pathlib import Path
 
 from spbench.config import RunSpec
-from spbench.pipeline import finetune_run, run_config, setup_logging
+from spbench.pipeline import finetune_run, pick_device, run_config, setup_logging
 from spbench.tracking import log_run
 
 setup_logging(snakemake.log[0])
@@ -19,6 +20,8 @@ record, curve = finetune_run(
     source_dir=Path(snakemake.input.source).parent,
     fisher_path=snakemake.input.fisher or None,
     record_out=snakemake.output.record,
+    device=pick_device(snakemake.resources.get("gpu", 0)),
+    checkpoint_path=snakemake.params.checkpoint,
 )
 tracking = snakemake.config["tracking"]
 log_run(tracking["uri"], tracking["experiment"], record, run_config(snakemake.config, spec), curve, timeout_s=tracking["timeout_s"])
