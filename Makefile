@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spbench-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint plan tracking-server clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,17 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
+
+# Job count and GPU-hours of a grid, before launching it: make plan CONFIG=my.yaml
+CONFIG ?= config.yaml
+plan: $(STAMP)
+	$(BIN)/python -m spbench.plan $(CONFIG)
+
+# The shared MLflow server (SQLite store, artifacts under mlflow-server/), on 127.0.0.1:5000;
+# e.g. make tracking-server SERVE_ARGS="--host 0.0.0.0 --basic-auth --store postgresql://..."
+SERVE_ARGS ?=
+tracking-server: $(STAMP)
+	$(BIN)/python -m spbench.tracking serve $(SERVE_ARGS)
 
 clean:
 	rm -rf results data logs .snakemake

@@ -70,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=None, help="minibatch / vmap chunk (default 64; 4 with --quick)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats (default 5; 1 with --quick)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default 1 with --device cpu, as several threads spin against each other "
+                         "on a busy machine; torch's default with --device cuda)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--quick", action="store_true", help="few images, one repeat (smoke test)")
     args = ap.parse_args(argv)
@@ -86,6 +88,8 @@ def run(args: argparse.Namespace) -> dict:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

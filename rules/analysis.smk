@@ -15,8 +15,7 @@ rule activations:
         max_images=config.get("figures", {}).get("activations", {}).get("max_images", 0),
     threads: config["finetune"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **get_cluster_resources(),
     conda:
         "../envs/spbench.yaml"
     script:
@@ -54,8 +53,7 @@ rule overhead:
         options=config.get("figures", {}).get("overhead", {}),
     threads: config["finetune"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **get_cluster_resources(),
     conda:
         "../envs/spbench.yaml"
     script:

@@ -111,6 +111,10 @@ def record_path(spec):
     return f"{RESULTS}/runs/{spec.key}/record.json"
 
 
+def checkpoint_path(spec):
+    return f"{RESULTS}/checkpoints/{spec.key}/checkpoint.pt"
+
+
 def all_records(wildcards):
     return [record_path(spec) for spec in expand_runs(config, choose_setting)]
 
@@ -154,3 +158,20 @@ def final_outputs():
 
 def category(path):
     return "Figures" if path.endswith(".png") else "Tables"
+
+
+def get_cluster_resources():
+    """Resources of a heavy job (config `cluster`): GPUs and CPUs, memory and runtime scaled by
+    the attempt (a retried job asks for more), Slurm partition and account when given."""
+    cluster = config["cluster"]
+    resources = {
+        "gpu": cluster["gpus"],
+        "cpus_per_task": cluster["cpus_per_task"],
+        "mem_mb": lambda wildcards, attempt: cluster["mem_mb"] * attempt,
+        "runtime": lambda wildcards, attempt: cluster["runtime"] * attempt,
+    }
+    for key in ("partition", "account"):
+        value = cluster[key] or os.environ.get(f"SPBENCH_SLURM_{key.upper()}", "")
+        if value:
+            resources[f"slurm_{key}"] = value
+    return resources

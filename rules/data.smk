@@ -1,4 +1,9 @@
 # Prepare each task once into the on-disk format (uint8 image cache, split file, metadata).
+# A local rule: it reads (or downloads) the data, which compute nodes may not reach.
+
+
+localrules:
+    prepare_task,
 
 
 rule prepare_task:
@@ -8,9 +13,6 @@ rule prepare_task:
         "logs/prepare_task/{task}.log",
     params:
         spec=lambda wildcards: config["tasks"][wildcards.task],
-    resources:
-        mem_mb=2000,
-        runtime=30,
     conda:
         "../envs/spbench.yaml"
     script:

@@ -1,6 +1,7 @@
 # One fine-tune per (experiment, source, target, penalty, alpha, beta, lr, freeze depth,
 # evaluation, replicate); the output path spells the run's identity, and the run's seed is
 # derived from it. The fine-tuned classifier is kept only while a later job needs it (Fig. 4).
+# A preempted run (SIGTERM) leaves a checkpoint and fails; its retry resumes from it.
 
 
 rule finetune:
@@ -20,10 +21,15 @@ rule finetune:
         f"logs/finetune/{RUN_PATTERN}.log",
     params:
         run_key=lambda wildcards: get_run_spec(wildcards).key,
+        # Not an output: Snakemake deletes the outputs of a failed attempt, and the
+        # checkpoint must outlive it (a preempted run resumes from it).
+        checkpoint=lambda wildcards: checkpoint_path(get_run_spec(wildcards)),
     threads: config["finetune"]["threads"]
     resources:
-        mem_mb=2000,
-        runtime=30,
+        **get_cluster_resources(),
+    # On a cluster, `--group-components finetunes=N` packs N fine-tunes into one allocation.
+    group:
+        "finetunes"
     conda:
         "../envs/spbench.yaml"
     script:

@@ -13,8 +13,7 @@ rule estimate_fisher:
         fisher=config["fisher"],
     threads: config["finetune"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **get_cluster_resources(),
     conda:
         "../envs/spbench.yaml"
     script:

@@ -17,8 +17,7 @@ rule pretrain_source:
         spec=lambda wildcards: config["sources"][wildcards.source],
     threads: config["finetune"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **get_cluster_resources(),
     conda:
         "../envs/spbench.yaml"
     script:
@@ -39,8 +38,7 @@ rule source_from_file:
     params:
         spec=lambda wildcards: config["sources"][wildcards.source],
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **get_cluster_resources(),
     conda:
         "../envs/spbench.yaml"
     script:

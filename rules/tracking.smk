@@ -14,7 +14,29 @@ rule init_tracking:
     params:
         uri=config["tracking"]["uri"],
         experiment=config["tracking"]["experiment"],
+        timeout_s=config["tracking"]["timeout_s"],
     conda:
         "../envs/spbench.yaml"
     script:
         "../workflow_scripts/init_tracking.py"
+
+
+# After a tracking outage: `snakemake sync_tracking` logs the runs whose records MLflow lacks
+# (it has no output, so it runs whenever it is asked for; it fails while runs stay missing).
+localrules:
+    sync_tracking,
+
+
+rule sync_tracking:
+    input:
+        records=all_records,
+    log:
+        "logs/sync_tracking.log",
+    params:
+        uri=config["tracking"]["uri"],
+        experiment=config["tracking"]["experiment"],
+        timeout_s=config["tracking"]["timeout_s"],
+    conda:
+        "../envs/spbench.yaml"
+    script:
+        "../workflow_scripts/sync_tracking.py"

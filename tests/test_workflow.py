@@ -166,3 +166,14 @@ def test_lint_is_clean(tmp_path):
     shutil.copy(REPO / "config" / "tiny.yaml", tmp_path / "tiny.yaml")
     proc = snakemake(tmp_path, "--configfile", "tiny.yaml", "--lint")
     assert "Congratulations, your workflow is in a good condition" in proc.stdout + proc.stderr
+
+
+def test_snakemake_report_collects_tables_and_figures(finished_workflow):
+    """`snakemake --report` builds one HTML file holding the figures and their captions."""
+    out = finished_workflow / "report.html"
+    snakemake(finished_workflow, "--configfile", "tiny.yaml", "--report", str(out))
+    html = out.read_text(errors="replace")
+    for caption in ("Fig. 1", "Fig. 3", "Fig. 4", "Table 2", "Model selection"):
+        assert caption in html, caption
+    for name in ("fig2.png", "table2.html", "selection.html"):
+        assert name in html, name

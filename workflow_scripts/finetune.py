@@ -1,4 +1,5 @@
-"""Rule finetune: one fine-tune run -> its record (the source of truth), then MLflow."""
+"""Rule finetune: one fine-tune run -> its record (the source of truth), then MLflow.
+On SIGTERM the run checkpoints and fails (spbench.train.Preempted); the retry resumes."""
 from pathlib import Path
 
 from spbench.config import RunSpec
@@ -23,6 +24,7 @@ record, curve = finetune_run(
     fisher_path=snakemake.input.fisher or None,
     record_out=snakemake.output.record,
     model_out=snakemake.output.model,
+    checkpoint_path=snakemake.params.checkpoint,
 )
 tracking = snakemake.config["tracking"]
 log_run(tracking["uri"], tracking["experiment"], record, run_config(snakemake.config, spec), curve, timeout_s=tracking["timeout_s"])

@@ -58,6 +58,15 @@ DEFAULTS: dict[str, Any] = {
         "eval_batch_size": 512,
         "threads": 1,
         "device": "auto",
+        "checkpoint_every": 0,
+    },
+    "cluster": {
+        "partition": "",
+        "account": "",
+        "gpus": 0,
+        "cpus_per_task": 1,
+        "mem_mb": 2000,
+        "runtime": 30,
     },
     "grid": {"freeze": [0]},
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from .fisher import estimate_fisher, load_fisher, normalize_fisher, save_fisher
 from .models import apply_freeze, build_model, split_parameters
 from .penalties import PENALTIES, make_penalty
 from .results import write_json_atomic, write_record
-from .train import evaluate, load_source, pretrain, save_source, set_determinism, train_steps
+from .train import StopOnSignal, evaluate, load_source, pretrain, save_source, set_determinism, train_steps
 
 __all__ = [
     "prepare_task_from_config",
@@ -32,6 +33,8 @@ __all__ = [
     "finetune_run",
     "device_name",
     "resolve_device",
+    "save_checkpoint",
+    "load_checkpoint",
     "setup_logging",
     "aggregate_records",
     "select_setting",
@@ -55,6 +58,26 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def save_checkpoint(path, state: Mapping[str, Any]) -> None:
+    """Write a checkpoint so that ``path`` holds either the whole old or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(dict(state), tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path) -> dict[str, Any]:
+    """A checkpoint of :func:`save_checkpoint`, on the CPU (loading copies it to the model's device)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def prepare_task_from_config(config: Mapping, task: str, out_dir) -> Path:
@@ -150,7 +173,8 @@ def run_config(config: Mapping, spec: RunSpec) -> dict[str, Any]:
             "replicate": spec.replicate,
             "seed": spec.seed,
         },
-        "finetune": {k: v for k, v in config["finetune"].items() if k != "lr"},  # lr is in "run"
+        # lr is in "run"; how often a run is checkpointed does not change its result
+        "finetune": {k: v for k, v in config["finetune"].items() if k not in ("lr", "checkpoint_every")},
         "selection": dict(config["selection"]) if spec.fold is not None else {},
         "fisher": dict(config["fisher"]) if PENALTIES[spec.penalty].uses_fisher else {},
         "source": {k: v for k, v in source.items()},
@@ -171,6 +195,7 @@ def finetune_run(
     record_out,
     model_out=None,
     device: str | None = None,
+    checkpoint_path=None,
 ) -> tuple[dict, list[float]]:
     """One fine-tune: source backbone + new head on the target, penalty ``spec.penalty``.
 
@@ -178,6 +203,12 @@ def finetune_run(
     ``val{f}`` run trains on the training split less fold f and scores on fold f. Writes and
     returns the result record (see :mod:`spbench.results`) and the train-loss curve; the
     fine-tuned classifier goes to ``model_out`` when given.
+
+    With ``checkpoint_path``: on SIGTERM (and every ``finetune.checkpoint_every`` steps) the
+    run's state — weights, optimizer, penalty buffers, step, RNG states and the resolved
+    config — is written there; after SIGTERM :class:`spbench.train.Preempted` is raised. A
+    later call finds the checkpoint and resumes: its record equals an uninterrupted run's,
+    but for the cost fields. The checkpoint is removed once the record is written.
     """
     ft = config["finetune"]
     resolved = run_config(config, spec)
@@ -225,22 +256,42 @@ def finetune_run(
         x, y = x[train_idx], y[train_idx]
     x, y = x.to(dev), y.to(dev)
     gen = torch.Generator().manual_seed(derive_seed("batches", spec.seed))
-    start = time.perf_counter()
-    history = train_steps(
-        model,
-        penalty,
-        x,
-        y,
-        steps=ft["steps"],
-        batch_size=ft["batch_size"],
-        lr=spec.lr,
-        momentum=ft["momentum"],
-        schedule=ft["lr_schedule"],
-        milestones=ft["lr_milestones"],
-        freeze=spec.freeze,
-        bn_mode=ft["bn_mode"],
-        generator=gen,
-    )
+    config_json = json.dumps(resolved, sort_keys=True)
+    resume = None
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        resume = load_checkpoint(checkpoint_path)
+        if resume["run_key"] != spec.key or resume["config_json"] != config_json:
+            raise ValueError(f"{checkpoint_path} belongs to another run or config; remove it to start afresh")
+        penalty.load_state_dict(resume["penalty"])
+        log.info("run %s: resuming from step %d of %s", spec.key, resume["step"], checkpoint_path)
+
+    def checkpoint(state: dict[str, Any]) -> None:
+        state.update(run_key=spec.key, config_json=config_json, penalty=penalty.state_dict())
+        save_checkpoint(checkpoint_path, state)
+        log.info("run %s: checkpoint at step %d -> %s", spec.key, state["step"], checkpoint_path)
+
+    # wall seconds count the training time of earlier attempts too
+    start = time.perf_counter() - (resume["history"]["seconds"] if resume is not None else 0.0)
+    with StopOnSignal() as stop:
+        history = train_steps(
+            model,
+            penalty,
+            x,
+            y,
+            steps=ft["steps"],
+            batch_size=ft["batch_size"],
+            lr=spec.lr,
+            momentum=ft["momentum"],
+            schedule=ft["lr_schedule"],
+            milestones=ft["lr_milestones"],
+            freeze=spec.freeze,
+            bn_mode=ft["bn_mode"],
+            generator=gen,
+            resume=resume,
+            save_checkpoint=checkpoint if checkpoint_path is not None else None,
+            checkpoint_every=ft["checkpoint_every"],
+            stop=stop,
+        )
     test_acc = evaluate(model, x_eval.to(dev), y_eval.to(dev), ft["eval_batch_size"])
     # Source-task retention (Table 3): the fine-tuned backbone under the ORIGINAL source head.
     source_net = torch.nn.Sequential(model.backbone, source_head)
@@ -292,6 +343,8 @@ def finetune_run(
         torch.save({"state_dict": model.state_dict(), "arch": info["arch"], "num_classes": target.num_classes,
                     "in_channels": info["in_channels"], "run_key": spec.key}, model_out)
     write_record(record_out, record)
+    if checkpoint_path is not None:
+        Path(checkpoint_path).unlink(missing_ok=True)
     log.info("run %s: test accuracy %.4f, source accuracy %.4f (drop %.4f), %.1f s",
              spec.key, test_acc, source_acc, source_acc - info["test_accuracy"], wall)
     return record, history.loss

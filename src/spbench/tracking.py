@@ -4,19 +4,36 @@ The run's JSON record is the source of truth; MLflow is a browsable copy. Loggin
 after the record is written, in a worker thread with a deadline: on any error or timeout a
 warning is logged and the run still succeeds. A run's identity (its ``run_key``) is stored as
 the tag ``spbench.run_key``; logging a key that already has a finished run does nothing, so
-a retried job never creates a duplicate.
+a retried job never creates a duplicate. When the server was down, :func:`sync_runs` logs
+the records that MLflow lacks, later.
+
+Server mode: ``python -m spbench.tracking serve`` starts ``mlflow server`` (SQLite or
+PostgreSQL store, an artifact folder) bound to 127.0.0.1 unless told otherwise; every job of
+a workflow whose ``tracking.uri`` is the server's URL logs to it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import sys
 import threading
 import time
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["init_experiment", "log_run", "flatten", "RUN_KEY_TAG"]
+__all__ = [
+    "init_experiment",
+    "try_init_experiment",
+    "log_run",
+    "logged_keys",
+    "sync_runs",
+    "server_command",
+    "flatten",
+    "RUN_KEY_TAG",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +116,79 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
     return run_id
 
 
+def _with_deadline(work: Callable[[], Any], timeout_s: float, what: str) -> tuple[bool, Any]:
+    """Run ``work`` in a daemon thread; (True, result), or (False, None) after a warning when it
+    raised or outlived ``timeout_s`` (a hung request must not hold the job)."""
+    result: dict[str, Any] = {}
+
+    def target():
+        try:
+            result["value"] = work()
+        except Exception as err:  # tracking trouble must not fail the caller
+            result["error"] = err
+
+    thread = threading.Thread(target=target, name="mlflow", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.warning("MLflow: %s did not finish within %.0f s; the record file keeps the run", what, timeout_s)
+        return False, None
+    if "error" in result:
+        log.warning("MLflow: %s failed (%s); the record file keeps the run", what, result["error"])
+        return False, None
+    return True, result["value"]
+
+
+def try_init_experiment(uri: str, experiment: str, *, timeout_s: float = 60.0) -> str | None:
+    """:func:`init_experiment` that never raises: None (and a warning) when the server is down.
+    The runs are then logged later by :func:`sync_runs`. A local store (SQLite) that fails is
+    an error, not an outage: it raises."""
+    if not uri.startswith(("http://", "https://")):
+        return init_experiment(uri, experiment)
+    _bound_http_retries()
+    ok, exp_id = _with_deadline(lambda: init_experiment(uri, experiment), timeout_s, f"creating experiment {experiment!r}")
+    return exp_id if ok else None
+
+
+def logged_keys(uri: str, experiment: str) -> set[str]:
+    """Run keys of the FINISHED runs of ``experiment`` (empty when it does not exist)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return set()
+    keys: set[str] = set()
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000, page_token=token)
+        keys.update(run.data.tags.get(RUN_KEY_TAG, "") for run in page)
+        token = page.token
+        if not token:
+            return keys - {""}
+
+
+def sync_runs(uri: str, experiment: str, records: Iterable[Mapping[str, Any]], *, timeout_s: float = 60.0) -> dict[str, int]:
+    """Log every record that MLflow lacks (its params are the record's resolved config, its
+    curve the record's train loss); returns counts ``{"records", "already", "logged",
+    "failed"}``. Stops at the first failure: the server is likely down again."""
+    _bound_http_retries()
+    records = list(records)
+    ok, have = _with_deadline(lambda: logged_keys(uri, experiment), timeout_s, "listing logged runs")
+    if not ok:
+        return {"records": len(records), "already": 0, "logged": 0, "failed": len(records)}
+    missing = [r for r in records if r["run_key"] not in have]
+    logged = 0
+    for record in missing:
+        params = json.loads(record["config_json"])
+        if log_run(uri, experiment, record, params, record["train_loss"], timeout_s=timeout_s) is None:
+            break
+        logged += 1
+    counts = {"records": len(records), "already": len(records) - len(missing), "logged": logged, "failed": len(missing) - logged}
+    log.info("MLflow sync of %s: %s", experiment, counts)
+    return counts
+
+
 def log_run(
     uri: str,
     experiment: str,
@@ -111,21 +201,78 @@ def log_run(
     """Log one finished run; returns its MLflow run id, or None if tracking failed or timed
     out (a warning says why). Never raises for tracking trouble."""
     _bound_http_retries()
-    result: dict[str, Any] = {}
+    ok, run_id = _with_deadline(lambda: _log(uri, experiment, record, params, curve), timeout_s, f"logging {record['run_key']}")
+    return run_id if ok else None
 
-    def work():
-        try:
-            result["run_id"] = _log(uri, experiment, record, params, curve)
-        except Exception as err:  # tracking trouble must not fail the run
-            result["error"] = err
 
-    thread = threading.Thread(target=work, name="mlflow-log", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        log.warning("MLflow logging of %s did not finish within %.0f s; the record file keeps the run", record["run_key"], timeout_s)
-        return None
-    if "error" in result:
-        log.warning("MLflow logging of %s failed (%s); the record file keeps the run", record["run_key"], result["error"])
-        return None
-    return result["run_id"]
+def server_command(
+    *,
+    store: str,
+    artifacts: str,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    workers: int = 2,
+    basic_auth: bool = False,
+) -> list[str]:
+    """The ``mlflow server`` command line of the shared tracking server.
+
+    ``store``: a SQLAlchemy URI (``sqlite:///path/mlflow.db``,
+    ``postgresql://user:pass@host/db``); ``artifacts``: the folder the server keeps artifacts
+    in (it serves them, so jobs need no access to it). ``host`` defaults to loopback: bind to
+    0.0.0.0 only on a trusted network, with ``basic_auth`` (MLflow's ``basic-auth`` app:
+    users and passwords, admin credentials from ``MLFLOW_AUTH_CONFIG_PATH``; jobs then set
+    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``).
+    """
+    mlflow = Path(sys.executable).with_name("mlflow")
+    cmd = [
+        str(mlflow) if mlflow.exists() else "mlflow",
+        "server",
+        "--host", host,
+        "--port", str(port),
+        "--workers", str(workers),
+        "--backend-store-uri", store,
+        "--artifacts-destination", str(artifacts),
+        "--serve-artifacts",
+    ]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        # MLflow's security middleware accepts loopback Host headers only by default.
+        cmd += ["--allowed-hosts", "*"]
+    if basic_auth:
+        cmd += ["--app-name", "basic-auth"]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m spbench.tracking serve|sync``: start the tracking server, or log the runs
+    whose records MLflow lacks (after an outage)."""
+    parser = argparse.ArgumentParser(prog="python -m spbench.tracking", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start `mlflow server` (runs until stopped)")
+    serve.add_argument("--store", default="sqlite:///mlflow-server/mlflow.db", help="backend store URI (SQLite or PostgreSQL)")
+    serve.add_argument("--artifacts", default="mlflow-server/artifacts", help="artifact folder")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=5000)
+    serve.add_argument("--workers", type=int, default=2)
+    serve.add_argument("--basic-auth", action="store_true", help="require MLflow users and passwords")
+    sync = sub.add_parser("sync", help="log the records that MLflow lacks")
+    sync.add_argument("--uri", required=True)
+    sync.add_argument("--experiment", required=True)
+    sync.add_argument("records", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        if args.store.startswith("sqlite:///"):
+            Path(args.store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.artifacts).mkdir(parents=True, exist_ok=True)
+        cmd = server_command(
+            store=args.store, artifacts=args.artifacts, host=args.host, port=args.port, workers=args.workers, basic_auth=args.basic_auth
+        )
+        os.execvp(cmd[0], cmd)
+    from .results import read_record
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    counts = sync_runs(args.uri, args.experiment, (read_record(p) for p in args.records))
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,15 +2,23 @@
 
 The gradient pipeline of one step is: forward → loss → backward → ``penalty.add_grad_()``
 (∇Ω added in place) → optimizer step; one optimizer step per iteration.
+
+Preemption: :class:`StopOnSignal` turns SIGTERM into a flag that :func:`train_steps` checks
+after each step; it then hands its state (:func:`train_state`) to a ``save_checkpoint``
+callback and raises :class:`Preempted`. Given that state back (``resume=``), it continues on
+the same trajectory: the batch order is replayed from the seeded generator, the optimizer
+(momentum) and the RNG states are restored.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +35,8 @@ __all__ = [
     "restore_modes",
     "train_steps",
     "TrainHistory",
+    "Preempted",
+    "StopOnSignal",
     "pretrain",
     "save_source",
     "load_source",
@@ -124,6 +134,41 @@ class TrainHistory:
     images: int = 0
 
 
+class Preempted(RuntimeError):
+    """Training stopped on request (SIGTERM) after saving a checkpoint; rerun to resume."""
+
+
+class StopOnSignal:
+    """Context manager: while active, the given signals (SIGTERM by default: what a scheduler
+    sends before it preempts or cancels a job) set a flag instead of killing the process.
+    Calling the object returns the flag; :func:`train_steps` takes it as ``stop=``.
+
+    Outside the main thread (where handlers cannot be installed) it does nothing.
+    """
+
+    def __init__(self, *signals: int):
+        self.signals = signals or (signal.SIGTERM,)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 def train_steps(
     model: Classifier,
     penalty: Penalty,
@@ -141,16 +186,40 @@ def train_steps(
     generator: torch.Generator,
     log_every: int = 50,
     on_step: Callable[[int, float], None] | None = None,
+    resume: Mapping[str, Any] | None = None,
+    save_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainHistory:
     """SGD with momentum on J(w) + Ω(w); Ω enters through ``penalty.add_grad_()`` (and, for
-    the proximal variants, ``penalty.prox_(lr)`` after each step)."""
+    the proximal variants, ``penalty.prox_(lr)`` after each step).
+
+    ``generator`` must be in the state it had when the run began (it draws the batch order).
+    ``resume``: a state from ``save_checkpoint`` (weights, momentum, history, RNG states);
+    training continues at its step. ``save_checkpoint(state)`` is
+    called every ``checkpoint_every`` steps (0: never) and when ``stop()`` turns true, after
+    which :class:`Preempted` is raised.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
     history = TrainHistory()
+    first = 0
+    if resume is not None:
+        first = int(resume["step"])
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        history = TrainHistory(**resume["history"])
     set_train_mode(model, freeze, bn_mode)
-    start = time.perf_counter()
+    start = time.perf_counter() - history.seconds
     for step, idx in enumerate(batch_indices(len(x), batch_size, steps, generator)):
+        if step < first:  # replay the batch order up to the checkpoint
+            if step == first - 1:
+                # The replayed generator must stand where the checkpointed one stood.
+                if not torch.equal(generator.get_state(), resume["generator"]):
+                    raise ValueError("checkpoint does not match this run's batch generator")
+                torch.set_rng_state(resume["torch_rng"])
+            continue
         rate = lr_at(step, steps, lr, schedule, milestones)
         for group in opt.param_groups:
             group["lr"] = rate
@@ -170,8 +239,30 @@ def train_steps(
             on_step(step, value)
         if log_every and (step % log_every == 0 or step == steps - 1):
             log.info("step %d/%d  loss %.4f  lr %.3g", step + 1, steps, value, rate)
+        if step == steps - 1 or save_checkpoint is None:
+            continue
+        stopping = stop is not None and stop()
+        if stopping or (checkpoint_every and (step + 1) % checkpoint_every == 0):
+            history.seconds = time.perf_counter() - start
+            save_checkpoint(train_state(step + 1, model, opt, history, generator))
+            if stopping:
+                log.warning("stopped at step %d/%d on request; checkpoint saved", step + 1, steps)
+                raise Preempted(f"training stopped at step {step + 1} of {steps}; rerun to resume")
     history.seconds = time.perf_counter() - start
     return history
+
+
+def train_state(step: int, model: nn.Module, opt: torch.optim.Optimizer, history: TrainHistory, generator: torch.Generator) -> dict[str, Any]:
+    """What :func:`train_steps` needs to continue after ``step`` steps: weights (with batch-norm
+    statistics), optimizer state (momentum), history, batch generator and global RNG states."""
+    return {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "history": {"loss": list(history.loss), "lr": list(history.lr), "seconds": history.seconds, "images": history.images},
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
 
 
 def pretrain(

@@ -1,0 +1,201 @@
+"""A real shared MLflow server on 127.0.0.1 (`python -m spbench.tracking serve`, the README's
+command): a parallel workflow logs every run to it exactly once; with the server down the
+fine-tunes still finish, and `snakemake sync_tracking` logs the missing runs once it is back;
+the MLflow UI, opened in headless Chromium, shows the experiment and its runs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spbench.results import read_parquet, read_record
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, port: int):
+    """`python -m spbench.tracking serve` on 127.0.0.1:port with a SQLite store under root;
+    yields its URL once /health answers, and stops it (the whole process group) after."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "spbench.tracking", "serve", "--port", str(port), "--workers", "1",
+           "--store", f"sqlite:///{root / 'server' / 'mlflow.db'}", "--artifacts", str(root / "server" / "artifacts")]
+    log = open(root / f"server-{port}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(root / f'server-{port}.log').read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not answer /health within 180 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+
+
+def write_config(workdir: Path, uri: str, experiment: str, small: bool = False) -> Path:
+    config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    config["tracking"].update(uri=uri, experiment=experiment, timeout_s=30)
+    if small:
+        config["grid"]["replicates"] = 1
+        config["grid"]["penalties"] = {"none": {}, "l2_sp": {"alpha": [0.1], "beta": [0.01]}}
+    path = workdir / "server.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def tracked_keys(uri: str, experiment: str) -> Counter:
+    """How many active, finished runs each run key has on the server."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, experiment
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    return Counter(r.data.tags["spbench.run_key"] for r in runs)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    with mlflow_server(root, free_port()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def parallel_workflow(server, tmp_path_factory):
+    """config/tiny.yaml, two jobs at a time, every job logging to the server."""
+    workdir = tmp_path_factory.mktemp("wf-server")
+    config = write_config(workdir, server, "spbench-server")
+    proc = snakemake(workdir, "--configfile", str(config), "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return workdir
+
+
+def test_parallel_workflow_logs_every_run_once(server, parallel_workflow):
+    runs = read_parquet(parallel_workflow / "results" / "runs.parquet")
+    counts = tracked_keys(server, "spbench-server")
+    assert set(counts) == set(runs["run_key"])
+    assert set(counts.values()) == {1}
+    assert not (parallel_workflow / "results" / "mlflow.db").exists()  # nothing went to a local store
+
+
+def test_outage_keeps_records_and_sync_logs_them_once(tmp_path):
+    """Server down: every fine-tune finishes with its record. Server back: `snakemake
+    sync_tracking` logs each run once; a second sync and a retried fine-tune add nothing."""
+    port = free_port()  # nothing listens here until the server is started below
+    uri = f"http://127.0.0.1:{port}"
+    config = write_config(tmp_path, uri, "spbench-outage", small=True)
+    proc = snakemake(tmp_path, "--configfile", str(config), "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    runs = read_parquet(tmp_path / "results" / "runs.parquet")
+    assert len(runs) == 2
+    logs = "".join(p.read_text() for p in (tmp_path / "logs" / "finetune").rglob("*.log"))
+    assert "the record file keeps the run" in logs
+
+    with mlflow_server(tmp_path, port):
+        proc = snakemake(tmp_path, "--configfile", str(config), "--cores", "1", "sync_tracking")
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        assert tracked_keys(uri, "spbench-outage") == Counter({key: 1 for key in runs["run_key"]})
+        proc = snakemake(tmp_path, "--configfile", str(config), "--cores", "1", "sync_tracking")
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        assert "'already': 2" in (tmp_path / "logs" / "sync_tracking.log").read_text()
+        # a retried job (same identity) finds its run on the server and does not log it again
+        key = runs["run_key"].iloc[0]
+        record = tmp_path / "results" / "runs" / key / "record.json"
+        before = read_record(record)
+        proc = snakemake(tmp_path, "--configfile", str(config), "--cores", "1", "--forcerun", str(record.relative_to(tmp_path)),
+                         "--", str(record.relative_to(tmp_path)))
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        assert read_record(record)["test_accuracy"] == before["test_accuracy"]
+        assert tracked_keys(uri, "spbench-outage") == Counter({key: 1 for key in runs["run_key"]})
+
+
+def test_sync_fails_while_the_server_is_down(tmp_path):
+    """With the server still down, sync_tracking fails and says how many runs are missing."""
+    from spbench.tracking import sync_runs
+    from test_results import make_record
+
+    counts = sync_runs(f"http://127.0.0.1:{free_port()}", "x", [make_record(run_key="a/b")], timeout_s=20)
+    assert counts == {"records": 1, "already": 0, "logged": 0, "failed": 1}
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["bash", str(REPO / "tests" / "cluster" / "install.sh")], check=True, stdin=subprocess.DEVNULL)
+        if shutil.which("chromium"):
+            return shutil.which("chromium")
+    pytest.skip("no Chromium, and it cannot be installed (needs root and apt-get): tests/cluster/install.sh")
+
+
+def headless(browser: str, profile: str, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,900"]
+    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+
+
+def test_ui_shows_the_experiment_and_its_runs(server, parallel_workflow, tmp_path):
+    """The MLflow UI, rendered by headless Chromium, lists the experiment's runs; the screenshot
+    is kept (SPBENCH_SCREENSHOT_DIR, else the test's temporary folder)."""
+    from mlflow.tracking import MlflowClient
+
+    browser = chromium()
+    exp = MlflowClient(tracking_uri=server).get_experiment_by_name("spbench-server")
+    url = f"{server}/#/experiments/{exp.experiment_id}/runs"
+    runs = read_parquet(parallel_workflow / "results" / "runs.parquet")
+    shots = Path(os.environ.get("SPBENCH_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        dom = headless(browser, profile, "--virtual-time-budget=30000", "--dump-dom", url)
+    assert "spbench-server" in dom.stdout, dom.stderr[-3000:]
+    missing = [key for key in runs["run_key"] if key not in dom.stdout]
+    assert not missing, f"runs not in the rendered page: {missing}"
+    with tempfile.TemporaryDirectory() as profile:
+        shot = headless(browser, profile, "--virtual-time-budget=30000", f"--screenshot={shots / 'mlflow-ui.png'}", url)
+    assert (shots / "mlflow-ui.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", shot.stderr[-3000:]

@@ -1,0 +1,179 @@
+"""Preemption: SIGTERM mid-way leaves a checkpoint and a failed run; the rerun resumes and ends
+with the same record as a run that was never interrupted (cost fields aside)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from spbench.config import RunSpec, validate_config
+from spbench.models import build_model, split_parameters
+from spbench.penalties import make_penalty
+from spbench.pipeline import build_source, compute_fisher, finetune_run, load_checkpoint, prepare_task_from_config
+from spbench.results import read_record
+from spbench.train import Preempted, StopOnSignal, train_steps
+
+REPO = Path(__file__).resolve().parents[1]
+COST_FIELDS = {"wall_seconds", "images_per_second"}
+STEPS = 400
+SPEC = RunSpec("digits-src", "digits-mod3-k5", "l2_sp_fisher", 0.1, 0.01, 0, 0, lr=0.05)
+
+
+def _train(model, penalty, x, y, **kw):
+    return train_steps(
+        model, penalty, x, y, steps=12, batch_size=4, lr=0.05, generator=torch.Generator().manual_seed(3), **kw
+    )
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = build_model("demo_resnet", 3, 1).double()
+    inherited, head = split_parameters(model)
+    penalty = make_penalty("l2_sp", inherited, head, alpha=0.1, beta=0.01)
+    return model, penalty
+
+
+def test_stop_and_resume_follow_the_uninterrupted_trajectory():
+    """Stopping after step 5 and resuming from the saved state gives, bit for bit, the weights,
+    batch-norm statistics and loss curve of 12 uninterrupted steps (float64, momentum 0.9)."""
+    x = torch.randn(10, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(10) % 3
+    model, penalty = _setup()
+    full = _train(model, penalty, x, y)
+    expected = model.state_dict()
+
+    model, penalty = _setup()
+    saved, done = [], []
+    with pytest.raises(Preempted):
+        _train(model, penalty, x, y, save_checkpoint=saved.append, stop=lambda: len(done) == 5,
+               on_step=lambda step, loss: done.append(step))
+    assert [s["step"] for s in saved] == [5]
+    model, penalty = _setup()  # a fresh process: rebuilt from the source, then the checkpoint
+    resumed = _train(model, penalty, x, y, resume=saved[0])
+    assert resumed.loss == full.loss
+    assert resumed.lr == full.lr
+    assert resumed.images == full.images
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_periodic_checkpoints():
+    """checkpoint_every=4 saves after steps 4 and 8 (not after the last step) and goes on."""
+    x = torch.randn(10, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(10) % 3
+    model, penalty = _setup()
+    model.float()
+    saved = []
+    history = _train(model, penalty.float(), x, y, save_checkpoint=saved.append, checkpoint_every=4)
+    assert [s["step"] for s in saved] == [4, 8]
+    assert len(history.loss) == 12
+    assert saved[1]["history"]["loss"] == history.loss[:8]
+
+
+def test_stop_on_signal_sets_a_flag_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+# --- a real process, killed mid-way ---------------------------------------------------------
+
+CHILD = """
+import json, sys
+from spbench.config import RunSpec
+from spbench.pipeline import finetune_run, setup_logging
+args = json.loads(sys.argv[1])
+setup_logging()
+finetune_run(args["config"], RunSpec(**args["spec"]), **args["paths"])
+"""
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The tiny config's source network and Fisher, made once with the library."""
+    root = tmp_path_factory.mktemp("preempt")
+    raw = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    raw["finetune"].update(steps=STEPS, batch_size=8)
+    config = validate_config(raw)
+    for task in ("digits-src", "digits-mod3-k5"):
+        prepare_task_from_config(config, task, root / "data" / task)
+    src = root / "sources" / "digits-src"
+    src.mkdir(parents=True)
+    build_source(config, "digits-src", root / "data" / "digits-src", src / "model.pt", src / "info.json")
+    compute_fisher(config, "digits-src", src / "model.pt", root / "data" / "digits-src", src / "fisher.pt")
+    return root, config
+
+
+def _paths(root: Path, name: str) -> dict:
+    src = root / "sources" / "digits-src"
+    return {
+        "source_model": str(src / "model.pt"),
+        "source_info": str(src / "info.json"),
+        "target_dir": str(root / "data" / "digits-mod3-k5"),
+        "source_dir": str(root / "data" / "digits-src"),
+        "fisher_path": str(src / "fisher.pt"),
+        "record_out": str(root / name / "record.json"),
+        "checkpoint_path": str(root / name / "checkpoint.pt"),
+    }
+
+
+def _child(config: dict, paths: dict) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    arg = json.dumps({"config": config, "spec": dict(SPEC.__dict__), "paths": paths})
+    return subprocess.Popen([sys.executable, "-c", CHILD, arg], stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.e2e
+def test_sigterm_mid_run_then_resume_gives_the_uninterrupted_record(prepared):
+    root, config = prepared
+    paths = _paths(root, "interrupted")
+    child = _child(config, paths)
+    lines = []
+    for line in child.stderr:  # wait until training is under way, then preempt it
+        lines.append(line)
+        if f"step 51/{STEPS}" in line:
+            child.send_signal(signal.SIGTERM)
+            break
+    lines += child.stderr.readlines()
+    assert child.wait(timeout=120) != 0, "".join(lines)
+    log = "".join(lines)
+    assert "Preempted" in log and "checkpoint saved" in log, log
+    assert not Path(paths["record_out"]).exists()
+    state = load_checkpoint(paths["checkpoint_path"])
+    assert 51 <= state["step"] < STEPS
+    assert json.loads(state["config_json"])["run"]["key"] == SPEC.key
+    assert set(state) >= {"model", "optimizer", "penalty", "generator", "torch_rng", "history"}
+
+    rerun = _child(config, paths)
+    log = rerun.stderr.read()
+    assert rerun.wait(timeout=300) == 0, log
+    assert f"resuming from step {state['step']}" in log
+    assert not Path(paths["checkpoint_path"]).exists(), "the checkpoint outlived the finished run"
+
+    clean = _paths(root, "uninterrupted")
+    record, _ = finetune_run(config, SPEC, **clean)
+    resumed = read_record(paths["record_out"])
+    assert {k: v for k, v in resumed.items() if k not in COST_FIELDS} == {
+        k: v for k, v in record.items() if k not in COST_FIELDS
+    }
+    assert len(resumed["train_loss"]) == STEPS
+
+
+def test_checkpoint_of_another_run_is_refused(prepared, tmp_path):
+    root, config = prepared
+    paths = _paths(root, "other")
+    Path(paths["checkpoint_path"]).parent.mkdir(parents=True)
+    torch.save({"run_key": "someone/else", "config_json": "{}", "step": 1}, paths["checkpoint_path"])
+    with pytest.raises(ValueError, match="another run"):
+        finetune_run(config, SPEC, **paths)
