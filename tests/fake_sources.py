@@ -155,3 +155,48 @@ def dogs_entries(breeds=("n02085620-Chihuahua", "n02085782-Japanese_spaniel"), p
                       "labels": np.array([[y] for _, y in rows], dtype=np.uint8)})
         lists[f"{name}_list.mat"] = buf.getvalue()
     return images, lists
+
+
+def places_entries(n_classes=3, per_class=4):
+    """``val_256/Places365_val_%08d.jpg`` and filelist_places365-standard.tar's
+    ``categories_places365.txt`` (``/a/airfield 0``) and ``places365_val.txt`` (``<file> <label>``)."""
+    names = [f"/{chr(97 + c)}/place{c}" for c in range(n_classes)]
+    images, rows, i = {}, [], 0
+    for k in range(per_class):
+        for c in range(n_classes):
+            i += 1
+            fname = f"Places365_val_{i:08d}.jpg"
+            images[f"val_256/{fname}"] = jpeg(7 * i, size=(32, 32))
+            rows.append(f"{fname} {c}")
+    lists = {
+        "categories_places365.txt": "".join(f"{n} {c}\n" for c, n in enumerate(names)).encode(),
+        "places365_val.txt": ("\n".join(rows) + "\n").encode(),
+        "places365_train_standard.txt": b"/a/place0/00000001.jpg 0\n",
+    }
+    return images, lists
+
+
+def imagenet_entries(n_classes=3, per_class=3):
+    """Flat ``ILSVRC2012_val_%08d.JPEG`` and the devkit's ``data/meta.mat`` (synsets struct
+    array: ILSVRC2012_ID, WNID, words, num_children; one non-leaf synset too) and
+    ``data/ILSVRC2012_validation_ground_truth.txt`` (1-based ILSVRC2012_IDs)."""
+    from scipy.io import savemat
+
+    # IDs are given in an order that is NOT the sorted-WNID order, to test the mapping.
+    wnids = [f"n0{9 - c}000000" for c in range(n_classes)]  # ID 1 -> largest wnid
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
+    synsets = np.zeros((n_classes + 1, 1), dtype=dtype)
+    for c in range(n_classes):
+        synsets[c, 0] = (np.array([[c + 1]]), np.array([wnids[c]]), np.array([f"thing {wnids[c]}"]), np.array([[0]]))
+    synsets[n_classes, 0] = (np.array([[n_classes + 1]]), np.array(["n00001740"]), np.array(["entity"]), np.array([[5]]))
+    buf = io.BytesIO()
+    savemat(buf, {"synsets": synsets})
+    truth, images = [], {}
+    for i in range(n_classes * per_class):
+        truth.append(i % n_classes + 1)
+        images[f"ILSVRC2012_val_{i + 1:08d}.JPEG"] = jpeg(3 * i, size=(36, 28))
+    devkit = {
+        "ILSVRC2012_devkit_t12/data/meta.mat": buf.getvalue(),
+        "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": "".join(f"{t}\n" for t in truth).encode(),
+    }
+    return images, devkit, wnids, truth
