@@ -176,6 +176,10 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
             if not path.is_file():
                 raise ConfigError(f"config key 'sources.{name}.path': no such file: {path}")
 
+    from .datasets import check_inputs  # downloads named by tasks and sources exist and agree
+
+    check_inputs(config, ConfigError)
+
     grid = config["grid"]
     for i, source in enumerate(grid["sources"]):
         if source not in config["sources"]:

@@ -47,6 +47,10 @@ __all__ = [
     "stanford_dogs",
     "places365_val",
     "imagenet_val",
+    "RAW_INPUTS",
+    "CONVERTERS",
+    "convert_weights",
+    "check_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -324,3 +328,67 @@ def imagenet_val(
         Path(images), files, np.array([id_to_label[t] for t in truth]), [words[w] for w in wnids],
         fisher_per_class=fisher_per_class, split_seed=split_seed, size=size, workers=workers,
         extra={"builder": "imagenet_val", "wnids": wnids})
+
+
+#: Builder arguments that name a download (``downloads:`` in the config); the workflow passes
+#: the builder that download's extracted folder (archives) or file instead of the name.
+RAW_INPUTS: dict[str, tuple[str, ...]] = {
+    "caltech256": ("images",),
+    "mit_indoor67": ("images", "train_list", "test_list"),
+    "stanford_dogs": ("images", "lists"),
+    "places365_val": ("images", "filelist"),
+    "imagenet_val": ("images", "devkit"),
+}
+
+
+# -- published source networks ------------------------------------------------------------------
+
+#: Weight converters: a published checkpoint -> a state dict of spbench's Classifier
+#: (``backbone.<torchvision name>``, ``head.weight``/``head.bias`` from the source's ``fc``).
+CONVERTERS = ("torchvision", "places365")
+
+
+def convert_weights(path: str | os.PathLike, converter: str) -> dict:
+    """Read a published checkpoint with ``torch.load(weights_only=True)`` (no code runs) and
+    rename its tensors. ``torchvision``: a plain torchvision ResNet state dict (e.g.
+    ``resnet101-63fe2227.pth``). ``places365``: the Places365 CNN release
+    (``resnet50_places365.pth.tar``: ``{'state_dict': {'module.conv1.weight': …}, …}``, saved
+    from ``DataParallel``, ``fc`` over 365 classes)."""
+    import torch
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if converter == "places365":
+        blob = blob["state_dict"] if "state_dict" in blob else blob
+        blob = {k.removeprefix("module."): v for k, v in blob.items()}
+    elif converter != "torchvision":
+        raise ValueError(f"unknown weight converter {converter!r} (known: {list(CONVERTERS)})")
+    if "fc.weight" not in blob:
+        raise ValueError(f"{path}: no 'fc.weight' (is it a {converter} ResNet checkpoint?)")
+    return {(f"head.{k[3:]}" if k.startswith("fc.") else f"backbone.{k}"): v for k, v in blob.items()}
+
+
+def check_inputs(config: dict, error: type[Exception] = ValueError) -> None:
+    """Semantic checks of the raw inputs (the schema checks their form): every download a
+    task or source names exists; a checksum parses; a source with ``weights: download`` names
+    its download and converter. Errors name the key."""
+    from .download import parse_checksum
+
+    downloads = config.get("downloads", {})
+    known = f"(known: {sorted(downloads)})"
+    for name, spec in downloads.items():
+        try:
+            parse_checksum(spec["checksum"])
+        except ValueError as err:
+            raise error(f"config key 'downloads.{name}.checksum': {err}") from None
+    for name, task in config["tasks"].items():
+        for key in RAW_INPUTS.get(task["builder"], ()):
+            if key in task and task[key] not in downloads:
+                raise error(f"config key 'tasks.{name}.{key}': no download named {task[key]!r} {known}")
+    for name, src in config["sources"].items():
+        if src["weights"] != "download":
+            continue
+        for key in ("download", "convert"):
+            if key not in src:
+                raise error(f"config key 'sources.{name}.{key}': required when weights is 'download'")
+        if src["download"] not in downloads:
+            raise error(f"config key 'sources.{name}.download': no download named {src['download']!r} {known}")

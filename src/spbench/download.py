@@ -45,6 +45,10 @@ __all__ = [
     "fetch",
     "check_tar_members",
     "extract_archive",
+    "raw_filename",
+    "is_archive",
+    "raw_path",
+    "input_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -306,3 +310,34 @@ def extract_archive(archive: str | os.PathLike, out_dir: str | os.PathLike) -> P
             raise
     log.info("%s: %d members -> %s", archive, len(members), out_dir)
     return out_dir
+
+
+# -- where the workflow keeps raw files -----------------------------------------------------------
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def raw_filename(spec: dict) -> str:
+    """The file name of a download spec: ``filename``, else the URL's or manual path's last part."""
+    if spec.get("filename"):
+        return spec["filename"]
+    from urllib.parse import urlparse
+
+    source = urlparse(spec["url"]).path if "url" in spec else spec["manual"]
+    return PurePosixPath(source).name or "download"
+
+
+def is_archive(spec: dict) -> bool:
+    """Whether the download is unpacked before use (``extract``, else by its file name)."""
+    return spec.get("extract", raw_filename(spec).lower().endswith(ARCHIVE_SUFFIXES))
+
+
+def raw_path(data_dir: str, name: str, spec: dict) -> str:
+    """``{data_dir}/raw/{name}/{filename}``: the verified download (or a link to the manual file)."""
+    return f"{data_dir}/raw/{name}/{raw_filename(spec)}"
+
+
+def input_path(data_dir: str, name: str, spec: dict) -> str:
+    """What a task builder reads: the extracted folder ``{data_dir}/extracted/{name}`` of an
+    archive, else the raw file itself."""
+    return f"{data_dir}/extracted/{name}" if is_archive(spec) else raw_path(data_dir, name, spec)
