@@ -110,3 +110,30 @@ def test_training_loop_runs_on_cached_views():
                           generator=torch.Generator().manual_seed(1), log_every=0)
     assert len(history.loss) == 3 and all(np.isfinite(history.loss))
     assert 0.0 <= evaluate(model, test, y[12:]) <= 1.0
+
+
+def test_blur_paths_agree_in_float64():
+    """The per-image loop (CPU) and the grouped convolutions (accelerators) compute the same
+    blur, each image truncated at its own radius ceil(2σ)."""
+    from spbench.augment import gaussian_blur
+
+    x = torch.rand(5, 3, 11, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.1, 0.45, 0.8, 1.2, 1.5], dtype=torch.float64)
+    loop, batched = gaussian_blur(x, sigma, path="loop"), gaussian_blur(x, sigma, path="batched")
+    torch.testing.assert_close(loop, batched, rtol=0, atol=1e-12)
+    const = torch.full((2, 3, 9, 9), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(gaussian_blur(const, sigma[:2], path="loop"), const)  # a normalised kernel
+
+
+def test_input_pipeline_benchmark_runs():
+    """The benchmark's quick mode runs and reports both paths with positive rates."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "input_pipeline.py"
+    spec = importlib.util.spec_from_file_location("input_pipeline", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.run(bench.parse_args(["--quick", "--images", "8", "--batch", "4", "--batches", "1"]))
+    assert [r["measure"] for r in res["rows"]] == ["cache", "cache_read", "jpeg"]
+    assert all(r["images_per_s"] > 0 for r in res["rows"])

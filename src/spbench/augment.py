@@ -8,7 +8,7 @@ whole batch at once:
 
 - ``train=True`` (training): per image, a random ``crop``×``crop`` window (uniform offset), a
   random horizontal mirror (probability ½) and a random Gaussian blur (probability
-  ``blur_p``, σ uniform in ``blur_sigma``; separable kernel of radius ``ceil(2σ_max)``,
+  ``blur_p``, σ uniform in ``blur_sigma``; separable kernel truncated at radius ``ceil(2σ)``,
   reflected borders); then scaled to [0, 1] and the training split's per-channel mean
   subtracted (and divided by its std when ``std`` is given).
 - ``train=False`` (evaluation, Fisher, source accuracy): the central crop, no randomness.
@@ -31,15 +31,56 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CachedImages", "load_task_views", "augment_batch"]
+__all__ = ["CachedImages", "load_task_views", "augment_batch", "gaussian_blur"]
 
 
 def _gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
-    """[B] σ -> [B, 2·radius+1] normalised 1-D kernels (σ = 0: the identity)."""
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=sigma.device)
+    """[B] σ -> [B, 2·radius+1] normalised 1-D kernels, each truncated at its own radius
+    ceil(2σ) (zero weights beyond it)."""
+    x = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)
     s = sigma.clamp_min(1e-6)[:, None]
-    k = torch.exp(-0.5 * (x[None, :] / s) ** 2)
+    k = torch.exp(-0.5 * (x[None, :] / s) ** 2) * (x[None, :].abs() <= torch.ceil(2 * s))
     return k / k.sum(dim=1, keepdim=True)
+
+
+def _blur_batched(x: Tensor, sigma: Tensor) -> Tensor:
+    """Separable Gaussian blur of [B, C, H, W] with one σ per image, reflected borders: one
+    grouped convolution per axis (the device path)."""
+    b, c, h, w = x.shape
+    radius = int(torch.ceil(2 * sigma.max()).item())
+    k = _gaussian_kernels(sigma, radius).repeat_interleave(c, dim=0)  # [B·C, K]
+    flat = x.reshape(1, b * c, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=b * c)
+    return flat.reshape(b, c, h, w)
+
+
+def _blur_loop(x: Tensor, sigma: Tensor) -> Tensor:
+    """The same blur, image by image with shifted slices (the CPU path: an image stays in the
+    cache while its taps are summed, where a grouped convolution streams the batch)."""
+    out = torch.empty_like(x)
+    for i in range(len(x)):
+        radius = int(math.ceil(2 * float(sigma[i])))
+        k = _gaussian_kernels(sigma[i : i + 1], radius)[0].tolist()
+        h, w = x.shape[2:]
+        p = F.pad(x[i : i + 1], (radius, radius, radius, radius), mode="reflect")[0]
+        rows = p[:, :, 0:w] * k[0]
+        for j in range(1, 2 * radius + 1):
+            rows.add_(p[:, :, j : j + w], alpha=k[j])
+        res = rows[:, 0:h, :] * k[0]
+        for j in range(1, 2 * radius + 1):
+            res.add_(rows[:, j : j + h, :], alpha=k[j])
+        out[i] = res
+    return out
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, *, path: str = "auto") -> Tensor:
+    """Blur each image of [B, C, H, W] with its own σ (> 0): kernel radius ceil(2σ), reflected
+    borders. ``path``: ``batched`` (grouped convolutions), ``loop`` (per image), ``auto``
+    (batched on accelerators, loop on the CPU); both compute the same sums."""
+    if path == "auto":
+        path = "loop" if x.device.type == "cpu" else "batched"
+    return _blur_batched(x, sigma.to(x.device, x.dtype)) if path == "batched" else _blur_loop(x, sigma)
 
 
 def augment_batch(
@@ -59,34 +100,32 @@ def augment_batch(
     dev = images.device
     if crop > min(h, w):
         raise ValueError(f"crop {crop} larger than the {h}x{w} images")
-    ar = torch.arange(crop, device=dev)
     if train:
         if generator is None:
             raise ValueError("training augmentation needs a generator")
-        oy = torch.randint(0, h - crop + 1, (b,), generator=generator).to(dev)
-        ox = torch.randint(0, w - crop + 1, (b,), generator=generator).to(dev)
-        flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+        oy = torch.randint(0, h - crop + 1, (b,), generator=generator).tolist()
+        ox = torch.randint(0, w - crop + 1, (b,), generator=generator).tolist()
+        flip = torch.rand(b, generator=generator) < 0.5
         blur = torch.rand(b, generator=generator) < blur_p
-        sigma = torch.empty(b).uniform_(*blur_sigma, generator=generator) * blur
+        sigma = torch.empty(b).uniform_(*blur_sigma, generator=generator)
     else:
-        oy = torch.full((b,), (h - crop) // 2, device=dev)
-        ox = torch.full((b,), (w - crop) // 2, device=dev)
-        flip = torch.zeros(b, dtype=torch.bool, device=dev)
-    rows = (oy[:, None] + ar[None, :])[:, :, None]  # [B, crop, 1]
-    cols = torch.where(flip[:, None], ox[:, None] + crop - 1 - ar[None, :], ox[:, None] + ar[None, :])[:, None, :]
-    x = images[torch.arange(b, device=dev)[:, None, None], rows, cols]  # [B, crop, crop, C] uint8
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    if train and bool(sigma.gt(0).any()):
-        radius = max(1, math.ceil(2 * blur_sigma[1]))
-        k = _gaussian_kernels(sigma.to(dev), radius).repeat_interleave(c, dim=0)  # [B·C, K]
-        flat = x.reshape(1, b * c, crop, crop)
-        flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
-        flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=b * c)
-        x = flat.reshape(b, c, crop, crop)
-    x = x.sub_(mean.to(dev).view(1, -1, 1, 1))
-    if std is not None:
-        x = x.div_(std.to(dev).view(1, -1, 1, 1))
-    return x.contiguous()
+        oy, ox = [(h - crop) // 2] * b, [(w - crop) // 2] * b
+        flip = blur = torch.zeros(b, dtype=torch.bool)
+    # Crops are views: slicing copies crop² pixels per image, where a gather would index each.
+    x = torch.stack([images[i, y : y + crop, x0 : x0 + crop] for i, (y, x0) in enumerate(zip(oy, ox))])
+    if flip.any():
+        sel = flip.nonzero().squeeze(1).to(dev)
+        x[sel] = x[sel].flip(2)
+    # (x/255 − mean)/std in one pass; the blur commutes with it (a normalised kernel keeps
+    # constants), so it runs after, on the normalised values.
+    scale = 1.0 / (255.0 * (std if std is not None else torch.ones_like(mean)))
+    shift = -mean / (std if std is not None else 1.0)
+    x = torch.addcmul(shift.to(dev).view(1, -1, 1, 1), x.permute(0, 3, 1, 2).contiguous().float(),
+                      scale.to(dev).view(1, -1, 1, 1))
+    if blur.any():
+        sel = blur.nonzero().squeeze(1)
+        x[sel.to(dev)] = gaussian_blur(x[sel.to(dev)], sigma[sel])
+    return x
 
 
 class CachedImages:
