@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import torch
 
 from . import __version__
-from .config import RunSpec, derive_seed
 from .augment import load_task_views
+from .config import RunSpec, derive_seed
 from .data import load_task, prepare_task
 from .datasets import RAW_INPUTS, convert_weights
 from .download import input_path
