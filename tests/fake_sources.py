@@ -68,8 +68,8 @@ class FileServer:
                 self.end_headers()
                 if item.truncate_at is not None:
                     part = part[: item.truncate_at]
+                server.bytes_sent += len(part)  # counted first: the client may finish before write returns
                 self.wfile.write(part)
-                server.bytes_sent += len(part)
                 self.close_connection = True
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
