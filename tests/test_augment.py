@@ -91,6 +91,8 @@ def test_cached_view_reads_selected_rows():
     torch.testing.assert_close(view[torch.tensor([3, 0])], full[[9, 7]])
     torch.testing.assert_close(view[1:3], full[[2, 5]])
     torch.testing.assert_close(view.take(2)[0:2], full[[7, 2]])
+    torch.testing.assert_close(view.select([3, 1])[0:2], full[[9, 2]])
+    assert len(view.take(10)) == 4
     with pytest.raises(ValueError, match="generator"):
         CachedImages(raw, np.arange(3), mean=MEAN, train=True)
 

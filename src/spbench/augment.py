@@ -170,11 +170,16 @@ class CachedImages:
         return augment_batch(x, crop=self.crop, train=self.train, mean=self.mean, std=self.std,
                              generator=self.generator, **self.augment_opts)
 
+    def select(self, indices) -> "CachedImages":
+        """The same view restricted to ``indices`` (positions in this view, e.g. a fold's
+        training images); no image is read."""
+        view = CachedImages.__new__(CachedImages)
+        view.__dict__.update(self.__dict__, rows=self.rows[np.asarray(indices, dtype=np.int64)])
+        return view
+
     def take(self, n: int) -> "CachedImages":
         """The same view restricted to its first ``n`` images."""
-        view = CachedImages.__new__(CachedImages)
-        view.__dict__.update(self.__dict__, rows=self.rows[:n])
-        return view
+        return self.select(np.arange(min(n, len(self))))
 
     def to(self, device) -> "CachedImages":
         self.device = torch.device(device)
