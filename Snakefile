@@ -12,6 +12,7 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/download.smk"
 include: "rules/data.smk"
 include: "rules/source.smk"
 include: "rules/fisher.smk"

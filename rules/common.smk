@@ -175,3 +175,35 @@ def get_cluster_resources():
         if value:
             resources[f"slurm_{key}"] = value
     return resources
+
+
+# -- raw inputs (rules/download.smk) --------------------------------------------------------------
+from spbench.datasets import RAW_INPUTS
+from spbench.download import input_path, is_archive, raw_path
+
+
+def downloads_of_kind(kind):
+    """Regex alternation of the downloads fetched from a `url` or given as a `manual` file."""
+    names = [n for n, s in config.get("downloads", {}).items() if kind in s]
+    return "|".join(names) if names else "(?!)"
+
+
+def archive_downloads():
+    names = [n for n, s in config.get("downloads", {}).items() if is_archive(s)]
+    return "|".join(names) if names else "(?!)"
+
+
+def tasks_with_raw_inputs():
+    names = [n for n, t in config["tasks"].items() if t["builder"] in RAW_INPUTS]
+    return "|".join(names) if names else "(?!)"
+
+
+def get_raw_file(name):
+    return raw_path(DATA, name, config["downloads"][name])
+
+
+def get_task_raw_inputs(wildcards):
+    """The extracted folders and files a real task's builder reads."""
+    task = config["tasks"][wildcards.task]
+    names = [task[key] for key in RAW_INPUTS.get(task["builder"], ()) if key in task]
+    return [input_path(DATA, n, config["downloads"][n]) for n in names]

@@ -43,3 +43,26 @@ rule source_from_file:
         "../envs/spbench.yaml"
     script:
         "../workflow_scripts/build_source.py"
+
+
+rule source_from_download:
+    input:
+        unpack(get_source_task_files),
+        weights=lambda wildcards: get_raw_file(config["sources"][wildcards.source]["download"]),
+    output:
+        model=f"{RESULTS}/sources/{{source}}/model.pt",
+        info=f"{RESULTS}/sources/{{source}}/info.json",
+    wildcard_constraints:
+        source=sources_with_weights("download"),
+    log:
+        "logs/source/{source}.log",
+    params:
+        spec=lambda wildcards: config["sources"][wildcards.source],
+    threads: config["finetune"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../envs/spbench.yaml"
+    script:
+        "../workflow_scripts/build_source.py"

@@ -17,17 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 def test_plan_of_the_tiny_grid():
     config = load_config(REPO / "config" / "tiny.yaml")
     p = plan(config)
-    assert p["jobs"] == {"prepare_task": 2, "source": 1, "estimate_fisher": 1, "finetune": 8}
-    assert p["requested_gpu_hours"] == pytest.approx(8 * 10 / 60)  # 8 jobs × 10 min, one device each
+    # 2 selection runs (l2_sp's two α), 5 penalties × 2 replicates, Fig. 1's 2 × 2 grid, Fig. 3's 2 runs
+    assert p["jobs"] == {"prepare_task": 2, "source": 1, "estimate_fisher": 1, "finetune": 18}
+    assert p["requested_gpu_hours"] == pytest.approx(18 * 10 / 60)  # 18 jobs × 10 min, one device each
     assert p["estimated_gpu_hours"] is None
     measured = [{"wall_seconds": 3.0, "steps": 10}, {"wall_seconds": 1.0, "steps": 10}, {"wall_seconds": 2.0, "steps": 10}]
     p = plan(config, measured)
-    assert p["estimated_gpu_hours"] == pytest.approx(8 * 0.2 * 10 / 3600)
-    assert "12 jobs" in format_plan(p) and "estimated from 3 recorded runs" in format_plan(p)
+    assert p["estimated_gpu_hours"] == pytest.approx(18 * 0.2 * 10 / 3600)
+    assert "22 jobs" in format_plan(p) and "estimated from 3 recorded runs" in format_plan(p)
 
 
 def test_plan_command_prints_the_demo_grid(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config.yaml")], cwd=tmp_path,
                           capture_output=True, text=True, check=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
-    assert "finetune             60 jobs" in proc.stdout
-    assert "60.00 GPU-hours requested" in proc.stdout
+    assert "finetune             97 jobs" in proc.stdout
+    assert "97.00 GPU-hours requested" in proc.stdout

@@ -402,12 +402,12 @@ def test_paired_needs_the_baseline(runs):
 
 
 def test_paper_numbers_are_the_specification(runs):
-    spec = {"mit-indoor-67": (79.6, 84.2, 84.0), "stanford-dogs-120": (81.4, 85.1, 85.1),
+    spec = {"indoor67": (79.6, 84.2, 84.0), "dogs120": (81.4, 85.1, 85.1),
             "caltech256-30": (81.5, 83.5, 83.3), "caltech256-60": (85.3, 86.4, 86.0)}
     got = {t: tuple(v[p][0] for p in ("l2", "l2_sp", "l2_sp_fisher")) for (_, t), v in reports.PAPER_TABLE2.items()}
     assert got == spec
     # the paper's caption: Places 365 for MIT Indoors, ImageNet for the others
-    assert {s for (s, t) in reports.PAPER_TABLE2 if t == "mit-indoor-67"} == {"places365"}
+    assert {s for (s, t) in reports.PAPER_TABLE2 if t == "indoor67"} == {"places365"}
     assert set(reports.PAPER_TABLE2) == set(reports.PAPER_TABLE3)
     ranges = {p: (min(v[p] for v in reports.PAPER_TABLE3.values()), max(v[p] for v in reports.PAPER_TABLE3.values()))
               for p in ("l2", "l2_sp", "l2_sp_fisher")}
@@ -415,7 +415,7 @@ def test_paper_numbers_are_the_specification(runs):
 
 
 def _as_paper_target(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs.assign(source="imagenet", target=runs["target"].replace({K5: "stanford-dogs-120"}))
+    return runs.assign(source="imagenet", target=runs["target"].replace({K5: "dogs120"}))
 
 
 def test_digits_tables_say_nothing_about_the_paper(runs):
@@ -429,9 +429,9 @@ def test_paper_rows_stand_beside_ours(runs):
     text = reports.render_table2(reports.table2(_as_paper_target(runs)))
     lines = text.splitlines()
     paper = [i for i, line in enumerate(lines) if line.startswith("|") and "(paper)" in line]
-    assert len(paper) == 1 and "stanford-dogs-120" in lines[paper[0] - 1]
+    assert len(paper) == 1 and "dogs120" in lines[paper[0] - 1]
     cells = [c.strip() for c in lines[paper[0]].strip("|").split("|")]
-    assert cells[1:5] == ["stanford-dogs-120 (paper)", "", "81.4 ± 0.2", "85.1 ± 0.2"]
+    assert cells[1:5] == ["dogs120 (paper)", "", "81.4 ± 0.2", "85.1 ± 0.2"]
     assert "Li et al. (2018), Table 2" in lines[0]
     # the pair the paper does not report (ImageNet -> digits k10) has no paper row
     assert not any("digits-mod3-k10 (paper)" in line for line in lines)

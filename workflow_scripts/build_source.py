@@ -1,4 +1,4 @@
-"""Rules pretrain_source / source_from_file: make the source network and evaluate it."""
+"""Rules pretrain_source / source_from_file / source_from_download: make the source network and evaluate it."""
 from pathlib import Path
 
 from spbench.pipeline import build_source, setup_logging
@@ -10,4 +10,5 @@ build_source(
     Path(snakemake.input.meta).parent,
     snakemake.output.model,
     snakemake.output.info,
+    weights_path=snakemake.input.get("weights"),
 )

@@ -236,6 +236,10 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
             if not path.is_file():
                 raise ConfigError(f"config key 'sources.{name}.path': no such file: {path}")
 
+    from .datasets import check_inputs  # downloads named by tasks and sources exist and agree
+
+    check_inputs(config, ConfigError)
+
     grid = config["grid"]
     for i, source in enumerate(grid["sources"]):
         if source not in config["sources"]:
@@ -272,8 +276,15 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
         sel = config["selection"]
         if sel["use_folds"] > sel["folds"]:
             raise ConfigError("config key 'selection.use_folds': more than selection.folds")
-    depths = list(grid["freeze"]) + list(figures.get("freeze", {}).get("depths", []))
+    for name, fig in figures.items():
+        for i, source in enumerate(fig.get("sources", [])):
+            if source not in grid["sources"]:
+                raise ConfigError(f"config key 'figures.{name}.sources[{i}]': {source!r} is not in grid.sources")
+    freeze_fig = figures.get("freeze", {})
     for source in grid["sources"]:
+        depths = list(grid["freeze"])
+        if source in freeze_fig.get("sources", grid["sources"]):
+            depths += freeze_fig.get("depths", [])
         arch = config["sources"][source]["arch"]
         limit = freeze_depth_count(arch)
         for depth in depths:
@@ -362,7 +373,7 @@ def figure_runs(config: Mapping, choose=None) -> list[RunSpec]:
     runs = []
     if "alpha_beta" in figures:
         fig = figures["alpha_beta"]
-        for source in grid["sources"]:
+        for source in fig.get("sources", grid["sources"]):
             for alpha in fig["alpha"]:
                 for beta in fig["beta"]:
                     for rep in range(fig["replicates"]):
@@ -370,7 +381,7 @@ def figure_runs(config: Mapping, choose=None) -> list[RunSpec]:
                                             lr=float(config["finetune"]["lr"]), experiment="alpha_beta"))
     if "freeze" in figures:
         fig = figures["freeze"]
-        for source in grid["sources"]:
+        for source in fig.get("sources", grid["sources"]):
             for target in fig["targets"]:
                 for penalty in fig["penalties"]:
                     chosen = _chosen(config, choose, source, target, penalty)

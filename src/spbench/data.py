@@ -1,6 +1,7 @@
 """Tasks on disk: a uint8 image cache, a split file and a metadata file.
 
-Every task, the embedded demo's and (later) the real data sets', is prepared once into::
+Every task, the embedded demo's and the real data sets' (:mod:`spbench.datasets`), is prepared
+once into::
 
     {data_dir}/{task}/images.npy   uint8 [N, H, W, C], decoded and resized once
     {data_dir}/{task}/split.parquet  one row per image: index (into images.npy), label, split
@@ -9,7 +10,9 @@ Every task, the embedded demo's and (later) the real data sets', is prepared onc
 ``split`` is ``train`` or ``test``. Training reads the cache (memory-mapped), scales to
 [0, 1] and subtracts the per-channel mean of the training split (SPEC §4).
 
-Task builders are registered in :data:`TASK_BUILDERS`; each returns a :class:`PreparedTask`.
+Task builders are registered in :data:`TASK_BUILDERS`; each returns a :class:`PreparedTask`
+(images in memory) or, for the real data sets, a :class:`spbench.datasets.FileListTask` (image
+files, decoded straight into the cache by ``prepare_task``).
 """
 
 from __future__ import annotations
@@ -175,6 +178,12 @@ def prepare_task(builder: str, params: dict, out_dir: str | os.PathLike) -> Path
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
+        if not isinstance(task, PreparedTask):  # a file list (spbench.datasets) decodes itself
+            task.write(tmp)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+            return out_dir
         np.save(tmp / "images.npy", task.images)
         pd.DataFrame(
             {"index": np.arange(len(task.labels)), "label": task.labels, "split": task.split}
@@ -229,3 +238,7 @@ def load_task(task_dir: str | os.PathLike) -> TaskData:
         xs[name] = batch.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).contiguous()
         ys[name] = torch.tensor(rows["label"].to_numpy(dtype=np.int64))
     return TaskData(meta=meta, x=xs, y=ys)
+
+
+# The real data sets register their builders here too (imported last: it uses the registry).
+from . import datasets as _datasets  # noqa: E402,F401

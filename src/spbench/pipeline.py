@@ -17,8 +17,11 @@ from typing import Any, Mapping
 import torch
 
 from . import __version__
+from .augment import load_task_views
 from .config import RunSpec, derive_seed
 from .data import fold_split, load_task, prepare_task
+from .datasets import RAW_INPUTS, convert_weights
+from .download import input_path
 from .fisher import estimate_fisher, load_fisher, normalize_fisher, save_fisher
 from .models import apply_freeze, build_model, split_parameters
 from .penalties import PENALTIES, make_penalty
@@ -27,6 +30,7 @@ from .train import StopOnSignal, evaluate, load_source, pretrain, save_source, s
 
 __all__ = [
     "prepare_task_from_config",
+    "task_inputs",
     "build_source",
     "compute_fisher",
     "run_config",
@@ -83,14 +87,40 @@ def load_checkpoint(path) -> dict[str, Any]:
 def prepare_task_from_config(config: Mapping, task: str, out_dir) -> Path:
     spec = dict(config["tasks"][task])
     builder = spec.pop("builder")
+    for key in RAW_INPUTS.get(builder, ()):  # a download's name -> its extracted folder or file
+        spec[key] = input_path(config["data_dir"], spec[key], config["downloads"][spec[key]])
     return prepare_task(builder, spec, out_dir)
 
 
-def build_source(config: Mapping, source: str, task_dir, model_out, info_out) -> dict:
-    """Make the source network: pretrain it on its task (``weights: pretrain``) or read a
-    state dict (``weights: file``); evaluate it on the source test split; write the
-    checkpoint and ``info_out`` (JSON with its accuracy and provenance)."""
+def task_inputs(config: Mapping, task_dir, *, generator: torch.Generator | None = None, device="cpu"):
+    """(meta, x, y) of a prepared task as the training loop reads it. ``finetune.augment:
+    none``: the whole cache as float tensors (the demo); ``paper``: lazy views of the uint8
+    cache, training images augmented with ``generator`` (random blur, mirror, crop), test
+    images centrally cropped (:mod:`spbench.augment`)."""
+    ft = config["finetune"]
+    if ft.get("augment", "none") == "none":
+        data = load_task(task_dir)
+        return data.meta, data.x, data.y
+    return load_task_views(task_dir, crop=ft.get("crop", 224), generator=generator, device=device,
+                           normalize=ft.get("normalize", "mean"))
+
+
+def build_source(config: Mapping, source: str, task_dir, model_out, info_out, weights_path=None) -> dict:
+    """Make the source network: pretrain it on its task (``weights: pretrain``), read a
+    state dict (``weights: file``) or convert a published checkpoint (``weights: download``,
+    ``weights_path`` is the verified download); evaluate it on the source test split; write
+    the checkpoint and ``info_out`` (JSON with its accuracy and provenance)."""
     spec = config["sources"][source]
+    if spec["weights"] == "download":
+        meta, x, y = task_inputs(config, task_dir)
+        num_classes, channels = meta["num_classes"], meta["channels"]
+        model = build_model(spec["arch"], num_classes, channels)
+        model.load_state_dict(convert_weights(weights_path, spec["convert"]))
+        download = config["downloads"][spec["download"]]
+        provenance = {"weights": "download", "download": spec["download"], "url": download.get("url", ""),
+                      "checksum": download["checksum"], "convert": spec["convert"]}
+        accuracy = evaluate(model, x["test"], y["test"], config["finetune"]["eval_batch_size"])
+        return _write_source(source, spec, model, accuracy, num_classes, channels, provenance, model_out, info_out)
     data = load_task(task_dir)
     if spec["weights"] == "pretrain":
         opts = {"epochs": 30, "batch_size": 64, "lr": 0.05, "weight_decay": 5e-4, "seed": 0, **spec.get("pretrain", {})}
@@ -103,17 +133,21 @@ def build_source(config: Mapping, source: str, task_dir, model_out, info_out) ->
         model.load_state_dict(state)
         provenance = {"weights": "file", "path": str(spec["path"])}
     accuracy = evaluate(model, data.x["test"], data.y["test"])
+    return _write_source(source, spec, model, accuracy, data.num_classes, data.channels, provenance, model_out, info_out)
+
+
+def _write_source(source, spec, model, accuracy, num_classes, channels, provenance, model_out, info_out) -> dict:
     info = {
         "source": source,
         "arch": spec["arch"],
         "task": spec["task"],
         "test_accuracy": accuracy,
-        "num_classes": data.num_classes,
-        "in_channels": data.channels,
+        "num_classes": num_classes,
+        "in_channels": channels,
         **provenance,
     }
     log.info("source %s: test accuracy %.4f", source, accuracy)
-    save_source(model_out, model, arch=spec["arch"], in_channels=data.channels, meta=info)
+    save_source(model_out, model, arch=spec["arch"], in_channels=channels, meta=info)
     write_json_atomic(info_out, info)
     return info
 
@@ -126,8 +160,10 @@ def compute_fisher(config: Mapping, source: str, model_path, task_dir, out_path)
     dev = resolve_device(config["finetune"]["device"])
     model, _ = load_source(model_path)
     model.to(dev)
-    data = load_task(task_dir)
-    x = data.x[opts["split"]][: opts["num_examples"]].to(dev)
+    _, xs, _ = task_inputs(config, task_dir)  # central crops, no augmentation
+    x = xs[opts["split"]]
+    x = x[: opts["num_examples"]] if isinstance(x, torch.Tensor) else x.take(opts["num_examples"])
+    x = x.to(dev)
     names = [n for n, _ in model.named_parameters() if n.startswith("backbone.")]
     gen = torch.Generator().manual_seed(opts["seed"])
     start = time.perf_counter()
@@ -214,12 +250,13 @@ def finetune_run(
     resolved = run_config(config, spec)
     set_determinism(spec.seed, threads=ft["threads"])
     dev = resolve_device(device or ft["device"])
-    target = load_task(target_dir)
-    source_data = load_task(source_dir)
+    augment_gen = torch.Generator().manual_seed(derive_seed("augment", spec.seed))
+    target_meta, target_x, target_y = task_inputs(config, target_dir, generator=augment_gen, device=dev)
+    _, source_x, source_y = task_inputs(config, source_dir, device=dev)
     info = json.loads(Path(source_info).read_text())
 
     src_model, _ = load_source(source_model)
-    model = build_model(info["arch"], target.num_classes, info["in_channels"])  # head: seeded random init
+    model = build_model(info["arch"], target_meta["num_classes"], info["in_channels"])  # head: seeded random init
     model.backbone.load_state_dict(src_model.backbone.state_dict())
     source_head = src_model.head
     model.to(dev)
@@ -246,14 +283,16 @@ def finetune_run(
     ).to(dev)
     log.info("run %s (seed %d): %s; %d frozen tensors", spec.key, spec.seed, penalty.describe(), len(frozen))
 
-    x, y = target.x["train"], target.y["train"]
+    x, y = target_x["train"], target_y["train"]
     if spec.fold is None:
-        x_eval, y_eval = target.x["test"], target.y["test"]
+        x_eval, y_eval = target_x["test"], target_y["test"]
     else:
+        # A cached view must be narrowed with select(): indexing it returns augmented images.
         sel = config["selection"]
-        train_idx, val_idx = fold_split(y.numpy(), sel["folds"], spec.fold, derive_seed("folds", spec.target))
-        x_eval, y_eval = x[val_idx], y[val_idx]
-        x, y = x[train_idx], y[train_idx]
+        train_idx, val_idx = fold_split(y.cpu().numpy(), sel["folds"], spec.fold, derive_seed("folds", spec.target))
+        pick = (lambda v, idx: v[idx]) if isinstance(x, torch.Tensor) else (lambda v, idx: v.select(idx))
+        x_eval, y_eval = pick(x, val_idx), y[val_idx]
+        x, y = pick(x, train_idx), y[train_idx]
     x, y = x.to(dev), y.to(dev)
     gen = torch.Generator().manual_seed(derive_seed("batches", spec.seed))
     config_json = json.dumps(resolved, sort_keys=True)
@@ -295,7 +334,7 @@ def finetune_run(
     test_acc = evaluate(model, x_eval.to(dev), y_eval.to(dev), ft["eval_batch_size"])
     # Source-task retention (Table 3): the fine-tuned backbone under the ORIGINAL source head.
     source_net = torch.nn.Sequential(model.backbone, source_head)
-    source_acc = evaluate(source_net, source_data.x["test"].to(dev), source_data.y["test"].to(dev), ft["eval_batch_size"])
+    source_acc = evaluate(source_net, source_x["test"].to(dev), source_y["test"].to(dev), ft["eval_batch_size"])
     wall = time.perf_counter() - start
     describe = penalty.describe()
     record = {
@@ -322,7 +361,7 @@ def finetune_run(
         "lr": spec.lr,
         "n_train": len(x),
         "n_test": len(y_eval),
-        "num_classes": target.num_classes,
+        "num_classes": target_meta["num_classes"],
         "n_inherited_tensors": describe["n_inherited_tensors"],
         "n_head_tensors": describe["n_head_tensors"],
         "test_accuracy": test_acc,

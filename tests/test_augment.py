@@ -1,0 +1,141 @@
+"""The paper's input pipeline from the uint8 cache (SPEC §4): central crop at test; random crop,
+mirror and blur in training, against brute-force references; seeded; usable by train_steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter1d
+
+from spbench.augment import CachedImages, augment_batch
+from spbench.models import build_model, split_parameters
+from spbench.penalties import make_penalty
+from spbench.train import evaluate, train_steps
+
+H, CROP = 12, 8
+MEAN = torch.tensor([0.5, 0.4, 0.3])
+
+
+def images(n=6, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, H, H, 3), dtype=np.uint8)
+
+
+def as_float(img: np.ndarray) -> np.ndarray:
+    """[H, W, C] uint8 -> [C, H, W] float, mean subtracted (the reference)."""
+    return img.transpose(2, 0, 1) / 255.0 - MEAN.numpy()[:, None, None]
+
+
+def test_test_mode_is_the_central_crop():
+    raw = images()
+    out = augment_batch(torch.from_numpy(raw), crop=CROP, train=False, mean=MEAN)
+    assert out.shape == (6, 3, CROP, CROP) and out.dtype == torch.float32
+    o = (H - CROP) // 2
+    np.testing.assert_allclose(out.numpy(), np.stack([as_float(r)[:, o:o + CROP, o:o + CROP] for r in raw]), atol=1e-6)
+    std = torch.tensor([0.2, 0.25, 0.5])
+    scaled = augment_batch(torch.from_numpy(raw), crop=CROP, train=False, mean=MEAN, std=std)
+    torch.testing.assert_close(scaled, out / std.view(1, 3, 1, 1))
+
+
+def test_training_crops_and_mirrors_cover_every_window():
+    """Without blur every output is one of the (H-crop+1)² windows, mirrored or not; over many
+    draws all offsets and both orientations occur."""
+    raw = images(n=1)
+    ref = as_float(raw[0])
+    windows = {}
+    for oy in range(H - CROP + 1):
+        for ox in range(H - CROP + 1):
+            w = ref[:, oy:oy + CROP, ox:ox + CROP]
+            windows[(oy, ox, False)], windows[(oy, ox, True)] = w, w[:, :, ::-1]
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    batch = torch.from_numpy(np.repeat(raw, 400, axis=0))
+    out = augment_batch(batch, crop=CROP, train=True, mean=MEAN, generator=gen, blur_p=0.0).numpy()
+    for o in out:
+        match = [k for k, w in windows.items() if np.allclose(o, w, atol=1e-6)]
+        assert match, "output is not a window of the image"
+        seen.update(match)
+    assert {k[:2] for k in seen} == {k[:2] for k in windows}
+    assert {k[2] for k in seen} == {False, True}
+
+
+def test_blur_matches_a_separable_gaussian_with_reflected_borders():
+    raw = images(n=4)
+    sigma = 0.9
+    radius = 2  # ceil(2 · σ_max)
+    out = augment_batch(torch.from_numpy(raw), crop=H, train=True, mean=MEAN, generator=torch.Generator().manual_seed(1),
+                        blur_p=1.0, blur_sigma=(sigma, sigma))
+    for img, o in zip(raw, out.numpy()):
+        x = img.transpose(2, 0, 1) / 255.0
+        candidates = [x, x[:, :, ::-1]]
+        refs = [gaussian_filter1d(gaussian_filter1d(c, sigma, axis=2, mode="mirror", truncate=radius / sigma),
+                                  sigma, axis=1, mode="mirror", truncate=radius / sigma) - MEAN.numpy()[:, None, None]
+                for c in candidates]
+        assert min(np.abs(o - r).max() for r in refs) < 1e-5
+        assert min(np.abs(o - (c - MEAN.numpy()[:, None, None])).max() for c in candidates) > 1e-3  # it did blur
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    raw = torch.from_numpy(images())
+    a, b, c = (augment_batch(raw, crop=CROP, train=True, mean=MEAN, generator=torch.Generator().manual_seed(s))
+               for s in (5, 5, 6))
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_cached_view_reads_selected_rows():
+    raw = images(n=10)
+    view = CachedImages(raw, np.array([7, 2, 5, 9]), mean=MEAN, crop=CROP)
+    assert len(view) == 4 and view.shape == (4, 3, CROP, CROP)
+    full = augment_batch(torch.from_numpy(raw), crop=CROP, train=False, mean=MEAN)
+    torch.testing.assert_close(view[torch.tensor([3, 0])], full[[9, 7]])
+    torch.testing.assert_close(view[1:3], full[[2, 5]])
+    torch.testing.assert_close(view.take(2)[0:2], full[[7, 2]])
+    torch.testing.assert_close(view.select([3, 1])[0:2], full[[9, 2]])
+    assert len(view.take(10)) == 4
+    with pytest.raises(ValueError, match="generator"):
+        CachedImages(raw, np.arange(3), mean=MEAN, train=True)
+
+
+def test_training_loop_runs_on_cached_views():
+    """train_steps and evaluate take the views where they take tensors (len and indexing)."""
+    torch.manual_seed(0)
+    raw = images(n=16)
+    gen = torch.Generator().manual_seed(0)
+    train = CachedImages(raw, np.arange(12), mean=MEAN, crop=CROP, train=True, generator=gen)
+    test = CachedImages(raw, np.arange(12, 16), mean=MEAN, crop=CROP)
+    y = torch.arange(16) % 2
+    model = build_model("demo_resnet", 2, 3)
+    inherited, head = split_parameters(model)
+    penalty = make_penalty("l2_sp", inherited, head, alpha=0.1, beta=0.01)
+    history = train_steps(model, penalty, train, y[:12], steps=3, batch_size=4, lr=0.01,
+                          generator=torch.Generator().manual_seed(1), log_every=0)
+    assert len(history.loss) == 3 and all(np.isfinite(history.loss))
+    assert 0.0 <= evaluate(model, test, y[12:]) <= 1.0
+
+
+def test_blur_paths_agree_in_float64():
+    """The per-image loop (CPU) and the grouped convolutions (accelerators) compute the same
+    blur, each image truncated at its own radius ceil(2σ)."""
+    from spbench.augment import gaussian_blur
+
+    x = torch.rand(5, 3, 11, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.1, 0.45, 0.8, 1.2, 1.5], dtype=torch.float64)
+    loop, batched = gaussian_blur(x, sigma, path="loop"), gaussian_blur(x, sigma, path="batched")
+    torch.testing.assert_close(loop, batched, rtol=0, atol=1e-12)
+    const = torch.full((2, 3, 9, 9), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(gaussian_blur(const, sigma[:2], path="loop"), const)  # a normalised kernel
+
+
+def test_input_pipeline_benchmark_runs():
+    """The benchmark's quick mode runs and reports both paths with positive rates."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "input_pipeline.py"
+    spec = importlib.util.spec_from_file_location("input_pipeline", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.run(bench.parse_args(["--quick", "--images", "8", "--batch", "4", "--batches", "1"]))
+    assert [r["measure"] for r in res["rows"]] == ["cache", "cache_read", "jpeg"]
+    assert all(r["images_per_s"] > 0 for r in res["rows"])
