@@ -145,3 +145,18 @@ def test_bad_variant_and_eps_are_refused():
         make_penalty("l1_sp", inherited, head, alpha=0.1, beta=0.0, variant="admm")
     with pytest.raises(ValueError, match="eps"):
         make_penalty("gl_sp", inherited, head, alpha=0.1, beta=0.0, eps=0.0)
+
+
+def test_flat_fisher_group_prox_equals_the_per_tensor_one():
+    """The flat, all-tensors-at-once solver (used on accelerators) gives the per-tensor
+    reference's result, here run on the CPU."""
+    from spbench.penalties import _fisher_group_prox, _fisher_group_prox_rows
+
+    g = torch.Generator().manual_seed(5)
+    shapes = [(4, 2, 3, 3), (5,), (3, 7), (6, 1, 1, 1)]
+    diffs = [0.1 * torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    fishers = [torch.rand(s, generator=g, dtype=torch.float64) + 0.05 for s in shapes]
+    flat = _fisher_group_prox(diffs, fishers, 0.1)
+    for d, f, u in zip(diffs, fishers, flat):
+        torch.testing.assert_close(u, _fisher_group_prox_rows(d, f, 0.1), rtol=1e-12, atol=1e-15)
+    assert any(bool((u == 0).any()) for u in flat) and any(bool((u != 0).any()) for u in flat)

@@ -101,7 +101,7 @@ def test_workflow_downloads_prepares_and_builds_the_source(server, tmp_path):
     from spbench.pipeline import finetune_run
 
     resolved = validate_config(config)
-    spec = RunSpec("src", "cal-tgt", "l2_sp_fisher", 0.1, 0.01, 0, 0)
+    spec = RunSpec("src", "cal-tgt", "l2_sp_fisher", 0.1, 0.01, 0, 0, lr=resolved["finetune"]["lr"])
     src = tmp_path / "results" / "sources" / "src"
     kwargs = dict(source_model=src / "model.pt", source_info=src / "info.json", target_dir=tmp_path / "data" / "cal-tgt",
                   source_dir=tmp_path / "data" / "cal-src", fisher_path=src / "fisher.pt")

@@ -132,6 +132,8 @@ def small_grid(workdir: Path) -> Path:
     config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
     config["grid"]["replicates"] = 1
     config["grid"]["penalties"] = {"none": {}, "l2_sp_fisher": {"alpha": [0.1], "beta": [0.01]}}
+    config.pop("selection", None)
+    config.pop("figures", None)
     path = workdir / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

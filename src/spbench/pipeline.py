@@ -379,7 +379,7 @@ def finetune_run(
         "train_loss": history.loss,
     }
     if model_out is not None:
-        torch.save({"state_dict": model.state_dict(), "arch": info["arch"], "num_classes": target.num_classes,
+        torch.save({"state_dict": model.state_dict(), "arch": info["arch"], "num_classes": target_meta["num_classes"],
                     "in_channels": info["in_channels"], "run_key": spec.key}, model_out)
     write_record(record_out, record)
     if checkpoint_path is not None:
