@@ -4,7 +4,6 @@ registered reference state. Parametrized over ``PENALTIES`` so a new entry is co
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest

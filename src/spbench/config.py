@@ -15,7 +15,7 @@ import re
 from dataclasses import KW_ONLY, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jsonschema
 import yaml

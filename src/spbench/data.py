@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+
+from .fsutil import atomic_directory
 
 __all__ = [
     "PreparedTask",
@@ -175,14 +175,9 @@ def prepare_task(builder: str, params: dict, out_dir: str | os.PathLike) -> Path
         raise ValueError(f"unknown task builder {builder!r} (known: {sorted(TASK_BUILDERS)})")
     task = TASK_BUILDERS[builder](**params)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_directory(out_dir) as tmp:
         if not isinstance(task, PreparedTask):  # a file list (spbench.datasets) decodes itself
             task.write(tmp)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
             return out_dir
         np.save(tmp / "images.npy", task.images)
         pd.DataFrame(
@@ -199,12 +194,6 @@ def prepare_task(builder: str, params: dict, out_dir: str | os.PathLike) -> Path
             **task.extra,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

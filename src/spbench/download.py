@@ -25,15 +25,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
+
+from .fsutil import atomic_directory
 
 __all__ = [
     "DownloadError",
@@ -298,16 +298,9 @@ def extract_archive(archive: str | os.PathLike, out_dir: str | os.PathLike) -> P
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
         check_tar_members(members)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-        try:
+        with atomic_directory(out_dir) as tmp:
             # filter='data' repeats the checks above inside tarfile and drops unsafe modes.
             tar.extractall(tmp, members=members, filter="data")
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     log.info("%s: %d members -> %s", archive, len(members), out_dir)
     return out_dir
 

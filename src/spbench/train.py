@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .models import Classifier, apply_freeze, build_model, split_parameters
+from .models import Classifier, build_model, split_parameters
 from .penalties import L2, Penalty
 
 __all__ = [
