@@ -350,20 +350,28 @@ def final_settings(config: Mapping, penalty: str, chosen: Setting | None) -> lis
     return candidates(config, penalty)
 
 
+def _tuned_runs(config, choose, sources, targets, penalties, depths, replicates, experiment) -> list[RunSpec]:
+    """Test-set runs at each penalty's final setting(s): source × target × penalty × setting ×
+    freeze depth × replicate, in that order."""
+    runs = []
+    for source in sources:
+        for target in targets:
+            for penalty in penalties:
+                chosen = _chosen(config, choose, source, target, penalty)
+                for alpha, beta, lr in final_settings(config, penalty, chosen):
+                    for depth in depths:
+                        for rep in range(replicates):
+                            runs.append(RunSpec(source, target, penalty, alpha, beta, depth, rep, lr=lr,
+                                                experiment=experiment))
+    return runs
+
+
 def main_runs(config: Mapping, choose=None) -> list[RunSpec]:
     """Test-set runs of the grid (Tables 2-3, Fig. 2). ``choose(source, target, penalty)``
     returns the selected (α, β, lr) for penalties that need selection."""
     grid = config["grid"]
-    runs = []
-    for source in grid["sources"]:
-        for target in grid["targets"]:
-            for penalty in grid["penalties"]:
-                chosen = _chosen(config, choose, source, target, penalty)
-                for alpha, beta, lr in final_settings(config, penalty, chosen):
-                    for freeze in grid["freeze"]:
-                        for rep in range(grid["replicates"]):
-                            runs.append(RunSpec(source, target, penalty, alpha, beta, freeze, rep, lr=lr))
-    return runs
+    return _tuned_runs(config, choose, grid["sources"], grid["targets"], grid["penalties"], grid["freeze"],
+                       grid["replicates"], "main")
 
 
 def figure_runs(config: Mapping, choose=None) -> list[RunSpec]:
@@ -381,15 +389,8 @@ def figure_runs(config: Mapping, choose=None) -> list[RunSpec]:
                                             lr=float(config["finetune"]["lr"]), experiment="alpha_beta"))
     if "freeze" in figures:
         fig = figures["freeze"]
-        for source in fig.get("sources", grid["sources"]):
-            for target in fig["targets"]:
-                for penalty in fig["penalties"]:
-                    chosen = _chosen(config, choose, source, target, penalty)
-                    for alpha, beta, lr in final_settings(config, penalty, chosen):
-                        for depth in fig["depths"]:
-                            for rep in range(fig["replicates"]):
-                                runs.append(RunSpec(source, target, penalty, alpha, beta, depth, rep, lr=lr,
-                                                    experiment="freeze"))
+        runs += _tuned_runs(config, choose, fig.get("sources", grid["sources"]), fig["targets"], fig["penalties"],
+                            fig["depths"], fig["replicates"], "freeze")
     return runs
 
 
