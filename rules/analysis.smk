@@ -49,7 +49,7 @@ rule overhead:
         "logs/overhead/{source}.log",
     params:
         arch=lambda wildcards: config["sources"][wildcards.source]["arch"],
-        penalties=list(config["grid"]["penalties"]),
+        penalties=[m for m in config["grid"]["methods"] if m in PENALTIES],
         options=config.get("figures", {}).get("overhead", {}),
     threads: config["finetune"]["threads"]
     resources:

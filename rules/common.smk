@@ -11,6 +11,7 @@ sys.path.insert(0, _SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
 
 from spbench.config import ConfigError, RunSpec, expand_runs, main_runs, selection_runs, validate_config
+from spbench.methods import method_class
 from spbench.penalties import PENALTIES
 
 try:
@@ -23,23 +24,13 @@ config.update(_validated)
 RESULTS = config["results"]
 DATA = config["data_dir"]
 REPORTS = config["reports"]
-RUN_PATTERN = (
-    "{experiment}/{source}/{target}/{penalty}/a{alpha}_b{beta}_lr{lr}/freeze{freeze}/{evaluation}/rep{replicate}"
-)
+# A run's folder spells its identity; pattern and wildcards are spbench.config.RunSpec's.
+RUN_PATTERN = RunSpec.PATTERN
 
 
 wildcard_constraints:
     task=r"[A-Za-z0-9][A-Za-z0-9_-]*",
-    source=r"[A-Za-z0-9][A-Za-z0-9_-]*",
-    target=r"[A-Za-z0-9][A-Za-z0-9_-]*",
-    penalty=r"[A-Za-z0-9_]+",
-    alpha=r"[0-9][0-9.e+-]*",
-    beta=r"[0-9][0-9.e+-]*",
-    lr=r"[0-9][0-9.e+-]*",
-    experiment=r"main|select|alpha_beta|freeze",
-    evaluation=r"test|val\d+",
-    freeze=r"\d+",
-    replicate=r"\d+",
+    **RunSpec.WILDCARDS,
 
 
 def task_files(task):
@@ -61,48 +52,42 @@ def get_source_task_files(wildcards):
 
 
 def get_run_spec(wildcards):
-    w = wildcards
     try:
-        spec = RunSpec(
-            w.source, w.target, w.penalty, float(w.alpha), float(w.beta), int(w.freeze), int(w.replicate),
-            lr=float(w.lr), evaluation=w.evaluation, experiment=w.experiment,
-        )
+        spec = RunSpec.from_wildcards(dict(wildcards))
+        method_class(spec.method).resolve_hparams(spec.hparams)
     except ValueError as err:
         raise WorkflowError(f"bad run path: {err}") from None
-    if spec.penalty not in PENALTIES:
-        raise WorkflowError(f"unknown penalty {spec.penalty!r} in a requested path")
     return spec
 
 
-def choose_setting(source, target, penalty):
-    """The (α, β, lr) chosen by model selection (waits for the select_setting checkpoint)."""
-    path = checkpoints.select_setting.get(source=source, target=target, penalty=penalty).output.selection
-    chosen = json.loads(Path(path).read_text())["selected"]
-    return chosen["alpha"], chosen["beta"], chosen["lr"]
+def choose_setting(source, target, method):
+    """The setting chosen by model selection (waits for the select_setting checkpoint)."""
+    path = checkpoints.select_setting.get(source=source, target=target, method=method).output.selection
+    return json.loads(Path(path).read_text())["selected"]
 
 
 def get_selection_records(wildcards):
     return [
         record_path(spec)
         for spec in selection_runs(config)
-        if (spec.source, spec.target, spec.penalty) == (wildcards.source, wildcards.target, wildcards.penalty)
+        if (spec.source, spec.target, spec.method) == (wildcards.source, wildcards.target, wildcards.method)
     ]
 
 
 def get_finetuned_models(wildcards):
-    """Fig. 4: the fine-tuned classifiers of replicate 0 of the main grid, per penalty."""
+    """Fig. 4: the fine-tuned classifiers of replicate 0 of the main grid, per method."""
     fig = config["figures"]["activations"]
     out = {}
-    for penalty in fig["penalties"]:
-        runs = [s for s in main_runs(config, choose_setting) if (s.source, s.target, s.penalty, s.freeze, s.replicate)
-                == (wildcards.source, fig["target"], penalty, 0, 0)]
+    for method in fig["methods"]:
+        runs = [s for s in main_runs(config, choose_setting) if (s.source, s.target, s.method, s.freeze, s.replicate)
+                == (wildcards.source, fig["target"], method, 0, 0)]
         for spec in runs:
-            out[f"{penalty}:{spec.alpha}:{spec.beta}:{spec.lr}"] = f"{RESULTS}/runs/{spec.key}/model.pt"
+            out[f"{method}:{spec.setting_text}"] = f"{RESULTS}/runs/{spec.key}/model.pt"
     return out
 
 
 def get_fisher_input(wildcards):
-    if PENALTIES[wildcards.penalty].uses_fisher:
+    if method_class(wildcards.method).needs.fisher:
         return f"{RESULTS}/sources/{wildcards.source}/fisher.pt"
     return []
 
@@ -134,7 +119,7 @@ def report_names():
     .csv, each figure as .png and .pdf."""
     figures = config.get("figures", {})
     tables = ["table2", "table3"]
-    if "l2" in config["grid"]["penalties"] and len(config["grid"]["penalties"]) > 1:
+    if "l2" in config["grid"]["methods"] and len(config["grid"]["methods"]) > 1:
         tables.append("paired")  # every setting against l2, paired by replicate
     if "selection" in config:
         tables.append("selection")

@@ -1,5 +1,5 @@
-# One fine-tune per (experiment, source, target, penalty, alpha, beta, lr, freeze depth,
-# evaluation, replicate); the output path spells the run's identity, and the run's seed is
+# One fine-tune per (experiment, source, target, method, setting, freeze depth, evaluation,
+# replicate); the output path spells the run's identity, and the run's seed is
 # derived from it. The fine-tuned classifier is kept only while a later job needs it (Fig. 4).
 # A preempted run (SIGTERM) leaves a checkpoint and fails; its retry resumes from it.
 

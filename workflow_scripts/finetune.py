@@ -7,11 +7,7 @@ from spbench.pipeline import finetune_run, run_config, setup_logging
 from spbench.tracking import log_run
 
 setup_logging(snakemake.log[0])
-w = snakemake.wildcards
-spec = RunSpec(
-    w.source, w.target, w.penalty, float(w.alpha), float(w.beta), int(w.freeze), int(w.replicate),
-    lr=float(w.lr), evaluation=w.evaluation, experiment=w.experiment,
-)
+spec = RunSpec.from_wildcards(dict(snakemake.wildcards))
 if spec.key != snakemake.params.run_key or not snakemake.output.record.endswith(f"{spec.key}/record.json"):
     raise ValueError(f"non-canonical run path {snakemake.output.record}: expected .../{spec.key}/record.json")
 record, curve = finetune_run(

@@ -11,9 +11,9 @@ for key in ("r2", "overhead"):
         args += [f"--{key}", snakemake.input[key]]
 figures = snakemake.config.get("figures", {})
 if "alpha_beta" in figures:
-    args += ["--fig1-penalty", figures["alpha_beta"]["penalty"], "--fig1-target", figures["alpha_beta"]["target"]]
+    args += ["--fig1-method", figures["alpha_beta"]["method"], "--fig1-target", figures["alpha_beta"]["target"]]
 if "freeze" in figures:
-    args += ["--fig3-penalties", ",".join(figures["freeze"]["penalties"])]
+    args += ["--fig3-methods", ",".join(figures["freeze"]["methods"])]
 main(args)
 missing = [p for p in snakemake.output if not Path(p).exists()]
 if missing:

@@ -1,4 +1,4 @@
-"""Checkpoint select_setting: choose a penalty's (alpha, beta, lr) on validation folds."""
+"""Checkpoint select_setting: choose a method's setting (hyper-parameters and lr) on validation folds."""
 from spbench.pipeline import select_setting, setup_logging
 
 setup_logging(snakemake.log[0])

@@ -177,6 +177,12 @@ class CachedImages:
         view.__dict__.update(self.__dict__, rows=self.rows[np.asarray(indices, dtype=np.int64)])
         return view
 
+    def central(self) -> "CachedImages":
+        """The same images as the evaluation sees them: central crops, no randomness."""
+        view = self.select(np.arange(len(self)))
+        view.train, view.generator = False, None
+        return view
+
     def take(self, n: int) -> "CachedImages":
         """The same view restricted to its first ``n`` images."""
         return self.select(np.arange(min(n, len(self))))

@@ -3,7 +3,7 @@
 Validation happens in two layers, both before any job starts: the JSON schema
 (``schemas/config.schema.yaml``: types, ranges, unknown keys) and the semantic checks below
 (names that must exist in a registry or elsewhere in the config, files that must exist).
-Every error names the offending key, e.g. ``grid.penalties.l2_spp``.
+Every error names the offending key, e.g. ``grid.methods.l2_spp``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import copy
 import hashlib
 import inspect
 import re
+import itertools
 from dataclasses import KW_ONLY, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jsonschema
 import yaml
@@ -23,6 +24,9 @@ import yaml
 __all__ = [
     "ConfigError",
     "RunSpec",
+    "Setting",
+    "format_setting",
+    "parse_setting",
     "DEFAULTS",
     "load_schema",
     "load_config",
@@ -75,9 +79,9 @@ DEFAULTS: dict[str, Any] = {
 SECTION_DEFAULTS: dict[str, Any] = {
     "selection": {"folds": 5, "use_folds": 1, "replicates": 1},
     "figures": {
-        "alpha_beta": {"penalty": "l2_sp", "replicates": 1},
-        "freeze": {"penalties": ["l2", "l2_sp"], "replicates": 1},
-        "activations": {"penalties": ["l2", "l2_sp", "l2_sp_fisher"], "max_images": 512},
+        "alpha_beta": {"method": "l2_sp", "replicates": 1},
+        "freeze": {"methods": ["l2", "l2_sp"], "replicates": 1},
+        "activations": {"methods": ["l2", "l2_sp", "l2_sp_fisher"], "max_images": 512},
         "overhead": {"batch_size": 32, "repeats": 20},
     },
 }
@@ -108,42 +112,114 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) or "<top level>"
 
 
+Setting = dict[str, float | int]  # a method's hyper-parameters and the learning rate "lr"
+
+
+def format_setting(setting: Mapping[str, float | int]) -> str:
+    """Canonical text of a setting, as run paths spell it: ``name=value`` pairs sorted by name
+    and joined by commas, floats in ``repr`` form (``alpha=0.01,beta=0.01,lr=0.05``)."""
+    parts = []
+    for name in sorted(setting):
+        value = setting[name]
+        text = str(int(value)) if isinstance(value, int) and not isinstance(value, bool) else repr(float(value))
+        parts.append(f"{name}={text}")
+    return ",".join(parts)
+
+
+def parse_setting(text: str) -> Setting:
+    """Inverse of :func:`format_setting`; ValueError for a text that is not canonical."""
+    out: Setting = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"bad setting {text!r}: expected name=value pairs separated by commas")
+        out[name] = int(value) if re.fullmatch(r"-?\d+", value) else float(value)
+    if format_setting(out) != text:
+        raise ValueError(f"setting {text!r} is not in canonical form ({format_setting(out)!r})")
+    return out
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    """The identity of one fine-tune run: everything its output path spells.
+    """The identity of one fine-tune run: everything its output path spells, defined here
+    once for the workflow (:attr:`PATTERN`, :attr:`WILDCARDS`), its scripts and the library.
 
-    ``experiment``: which part of the study asked for the run: ``main`` (Tables 2-3, Fig. 2),
-    ``select`` (model selection), ``alpha_beta`` (Fig. 1), ``freeze`` (Fig. 3).
-    ``evaluation``: ``test`` (train on the training set, score on the test set) or ``val{f}``
-    (train on the training set less fold f, score on fold f).
+    ``method``: a registered method (:mod:`spbench.methods`); ``setting``: its
+    hyper-parameters, every declared one, and the learning rate ``lr`` (given as a mapping,
+    kept as sorted pairs). ``experiment``: which part of the study asked for the run:
+    ``main`` (Tables 2-3, Fig. 2), ``select`` (model selection), ``alpha_beta`` (Fig. 1),
+    ``freeze`` (Fig. 3). ``evaluation``: ``test`` (train on the training set, score on the test
+    set) or ``val{f}`` (train on the training set less fold f, score on fold f).
     """
 
     source: str
     target: str
-    penalty: str
-    alpha: float
-    beta: float
+    method: str
+    setting: Any
     freeze: int
     replicate: int
     _: KW_ONLY
-    lr: float
     evaluation: str = "test"
     experiment: str = "main"
+
+    #: The run folder, relative to ``{results}/runs``, as a Snakemake wildcard pattern.
+    PATTERN: ClassVar[str] = (
+        "{experiment}/{source}/{target}/{method}/{setting}/freeze{freeze}/{evaluation}/rep{replicate}"
+    )
+    #: The regular expression of each wildcard of :attr:`PATTERN`.
+    WILDCARDS: ClassVar[dict[str, str]] = {
+        "experiment": "|".join(("main", "select", "alpha_beta", "freeze")),
+        "source": r"[A-Za-z0-9][A-Za-z0-9_-]*",
+        "target": r"[A-Za-z0-9][A-Za-z0-9_-]*",
+        "method": r"[a-z0-9_]+",
+        "setting": r"[A-Za-z_][A-Za-z0-9_]*=[^,/=]+(,[A-Za-z_][A-Za-z0-9_]*=[^,/=]+)*",
+        "freeze": r"\d+",
+        "evaluation": r"test|val\d+",
+        "replicate": r"\d+",
+    }
 
     def __post_init__(self):
         if self.experiment not in EXPERIMENTS:
             raise ValueError(f"unknown experiment {self.experiment!r} (known: {EXPERIMENTS})")
         if self.evaluation != "test" and not re.fullmatch(r"val\d+", self.evaluation):
             raise ValueError(f"evaluation must be 'test' or 'val<fold>', not {self.evaluation!r}")
+        setting = dict(self.setting)
+        if "lr" not in setting:
+            raise ValueError(f"the setting of a run must include its learning rate 'lr', got {setting}")
+        object.__setattr__(self, "setting", tuple(sorted(setting.items())))
+
+    @classmethod
+    def from_wildcards(cls, w: Mapping[str, str]) -> "RunSpec":
+        """The run a path's wildcards spell; ValueError when they are not canonical."""
+        spec = cls(w["source"], w["target"], w["method"], parse_setting(w["setting"]), int(w["freeze"]),
+                   int(w["replicate"]), evaluation=w["evaluation"], experiment=w["experiment"])
+        if spec.setting_text != w["setting"]:
+            raise ValueError(f"setting {w['setting']!r} is not canonical ({spec.setting_text!r})")
+        return spec
+
+    @property
+    def setting_text(self) -> str:
+        return format_setting(dict(self.setting))
+
+    @property
+    def hparams(self) -> Setting:
+        """The method's hyper-parameters (the setting without ``lr``)."""
+        return {k: v for k, v in self.setting if k != "lr"}
+
+    @property
+    def lr(self) -> float:
+        return float(dict(self.setting)["lr"])
+
+    @property
+    def wildcards(self) -> dict[str, str]:
+        return {"experiment": self.experiment, "source": self.source, "target": self.target, "method": self.method,
+                "setting": self.setting_text, "freeze": str(self.freeze), "evaluation": self.evaluation,
+                "replicate": str(self.replicate)}
 
     @property
     def key(self) -> str:
-        """Relative path of the run's folder; also its MLflow run name."""
-        return (
-            f"{self.experiment}/{self.source}/{self.target}/{self.penalty}/"
-            f"a{fmt_num(self.alpha)}_b{fmt_num(self.beta)}_lr{fmt_num(self.lr)}/"
-            f"freeze{self.freeze}/{self.evaluation}/rep{self.replicate}"
-        )
+        """Relative path of the run's folder; also its MLflow run's key."""
+        return self.PATTERN.format(**self.wildcards)
 
     @property
     def fold(self) -> int | None:
@@ -155,9 +231,9 @@ class RunSpec:
         """RNG seed of the run (head initialisation, batch order).
 
         Derived from (source, target, evaluation, replicate) only: runs that differ in
-        experiment, penalty, α, β, learning rate or freeze depth but share a replicate see the
-        same head initialisation and data order, so differences across penalties are paired
-        comparisons (and a run asked for by two experiments gives the same result in both).
+        experiment, method, setting or freeze depth but share a replicate see the same head
+        initialisation and data order, so differences across methods are paired comparisons
+        (and a run asked for by two experiments gives the same result in both).
         """
         return derive_seed("finetune", self.source, self.target, self.evaluation, self.replicate)
 
@@ -166,7 +242,7 @@ EXPERIMENTS = ("main", "select", "alpha_beta", "freeze")
 
 
 def fmt_num(x: float) -> str:
-    """Canonical text of a hyper-parameter in paths: ``0.01``, ``1e-05``, ``0.0``."""
+    """Canonical text of a float hyper-parameter: ``0.01``, ``1e-05``, ``0.0``."""
     return repr(float(x))
 
 
@@ -185,6 +261,12 @@ def validate_config(config: Mapping, base_dir: str | Path = ".") -> dict:
     """Check ``config`` against the schema and its semantics; return it with defaults filled."""
     if not isinstance(config, Mapping):
         raise ConfigError("<top level>: the configuration must be a mapping")
+    renamed = {"penalties": "methods", "penalty": "method"}
+    sections = [("grid", config.get("grid"))] + [(f"figures.{k}", v) for k, v in (config.get("figures") or {}).items()]
+    for where, section in sections:
+        for old, new in renamed.items():
+            if isinstance(section, Mapping) and old in section:
+                raise ConfigError(f"config key '{where}.{old}': renamed '{where}.{new}' (every method, penalties included)")
     validator = jsonschema.Draft202012Validator(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -204,7 +286,6 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
     # Imported here: the registries pull in torch, which a schema check need not pay for.
     from .data import TASK_BUILDERS
     from .models import ARCHITECTURES, freeze_depth_count
-    from .penalties import PENALTIES
 
     for name, task in config["tasks"].items():
         builder = TASK_BUILDERS.get(task["builder"])
@@ -247,29 +328,42 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
     for i, target in enumerate(grid["targets"]):
         if target not in config["tasks"]:
             raise ConfigError(f"config key 'grid.targets[{i}]': no task named {target!r}")
-    for name, setting in grid["penalties"].items():
-        if name not in PENALTIES:
-            raise ConfigError(
-                f"config key 'grid.penalties.{name}': unknown penalty (known: {sorted(PENALTIES)})"
-            )
-        if name == "none":
-            if any(v != 0 for key in ("alpha", "beta") for v in setting.get(key, [0])):
-                raise ConfigError("config key 'grid.penalties.none': the 'none' penalty takes no alpha or beta")
-        else:
-            for key in ("alpha", "beta"):
-                if key not in setting:
-                    raise ConfigError(f"config key 'grid.penalties.{name}.{key}': required (a list of values)")
+    from .methods import method_class
+
+    for name, listed in grid["methods"].items():
+        try:
+            cls = method_class(name)
+        except ValueError as err:
+            raise ConfigError(f"config key 'grid.methods.{name}': {err}") from None
+        known = {h.name: h for h in cls.hparams}
+        for key, values in (listed or {}).items():
+            if key not in known:
+                raise ConfigError(f"config key 'grid.methods.{name}.{key}': {name!r} has no such hyper-parameter "
+                                  f"(known: {sorted(known)})")
+            for i, value in enumerate(values):
+                try:
+                    known[key].check(value)
+                except ValueError as err:
+                    raise ConfigError(f"config key 'grid.methods.{name}.{key}[{i}]': {err}") from None
+            if len(set(values)) != len(values):
+                raise ConfigError(f"config key 'grid.methods.{name}.{key}': duplicate values {values}")
+        if cls.needs.fisher and "fisher" not in config:
+            raise ConfigError(f"config key 'fisher': required by method {name!r}")
     figures = config.get("figures", {})
     for name, fig in figures.items():
         targets = fig.get("targets", [fig["target"]] if "target" in fig else [])
         for target in targets:
             if target not in config["tasks"]:
                 raise ConfigError(f"config key 'figures.{name}': no task named {target!r}")
-        for penalty in fig.get("penalties", [fig["penalty"]] if "penalty" in fig else []):
-            if penalty not in PENALTIES:
-                raise ConfigError(f"config key 'figures.{name}': unknown penalty {penalty!r}")
-            if name in ("freeze", "activations") and penalty not in grid["penalties"]:
-                raise ConfigError(f"config key 'figures.{name}': penalty {penalty!r} is not in grid.penalties")
+        for method in fig.get("methods", [fig["method"]] if "method" in fig else []):
+            try:
+                cls = method_class(method)
+            except ValueError as err:
+                raise ConfigError(f"config key 'figures.{name}': {err}") from None
+            if name in ("freeze", "activations") and method not in grid["methods"]:
+                raise ConfigError(f"config key 'figures.{name}': method {method!r} is not in grid.methods")
+            if name == "alpha_beta" and not {"alpha", "beta"} <= {h.name for h in cls.hparams}:
+                raise ConfigError(f"config key 'figures.alpha_beta.method': {method!r} has no alpha and beta")
     if "activations" in figures and figures["activations"]["target"] not in grid["targets"]:
         raise ConfigError("config key 'figures.activations.target': must be one of grid.targets (it reuses their runs)")
     if "selection" in config:
@@ -294,26 +388,27 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
                 )
 
 
-Setting = tuple[float, float, float]  # (alpha, beta, lr)
+def candidates(config: Mapping, method: str) -> list[Setting]:
+    """The settings the grid lists for ``method``: every combination of the values listed
+    for its hyper-parameters (a hyper-parameter not listed takes its default), in declaration
+    order, times the learning rates (``selection.lr`` when model selection is configured, else
+    ``finetune.lr``)."""
+    from .methods import method_class
 
-
-def candidates(config: Mapping, penalty: str) -> list[Setting]:
-    """The (α, β, lr) settings the grid lists for ``penalty``; lr from ``selection.lr`` when
-    model selection is configured, else ``finetune.lr``."""
-    spec = config["grid"]["penalties"][penalty]
-    alphas = [0.0] if penalty == "none" else spec["alpha"]
-    betas = [0.0] if penalty == "none" else spec["beta"]
+    listed = config["grid"]["methods"][method] or {}
+    values = [[h.check(v) for v in listed.get(h.name, [h.default])] for h in method_class(method).hparams]
+    names = [h.name for h in method_class(method).hparams]
     lrs = config["selection"]["lr"] if "selection" in config else [config["finetune"]["lr"]]
-    return [(float(a), float(b), float(lr)) for a in alphas for b in betas for lr in lrs]
+    return [{**dict(zip(names, combo)), "lr": float(lr)} for combo in itertools.product(*values) for lr in lrs]
 
 
-def needs_selection(config: Mapping, penalty: str) -> bool:
-    """Whether the penalty's setting is chosen on validation folds (several candidates)."""
-    return "selection" in config and len(candidates(config, penalty)) > 1
+def needs_selection(config: Mapping, method: str) -> bool:
+    """Whether the method's setting is chosen on validation folds (several candidates)."""
+    return "selection" in config and len(candidates(config, method)) > 1
 
 
 def selection_runs(config: Mapping) -> list[RunSpec]:
-    """Model-selection runs: every candidate setting of every penalty that needs selection,
+    """Model-selection runs: every candidate setting of every method that needs selection,
     trained on the training set less fold f and scored on fold f."""
     if "selection" not in config:
         return []
@@ -321,75 +416,80 @@ def selection_runs(config: Mapping) -> list[RunSpec]:
     runs = []
     for source in grid["sources"]:
         for target in grid["targets"]:
-            for penalty in grid["penalties"]:
-                if not needs_selection(config, penalty):
+            for method in grid["methods"]:
+                if not needs_selection(config, method):
                     continue
-                for alpha, beta, lr in candidates(config, penalty):
+                for setting in candidates(config, method):
                     for fold in range(sel["use_folds"]):
                         for rep in range(sel["replicates"]):
-                            runs.append(RunSpec(source, target, penalty, alpha, beta, 0, rep, lr=lr,
+                            runs.append(RunSpec(source, target, method, setting, 0, rep,
                                                 evaluation=f"val{fold}", experiment="select"))
     return runs
 
 
-def _chosen(config: Mapping, choose, source: str, target: str, penalty: str) -> Setting | None:
-    if not needs_selection(config, penalty):
+def _chosen(config: Mapping, choose, source: str, target: str, method: str) -> Setting | None:
+    if not needs_selection(config, method):
         return None
     if choose is None:
-        raise ValueError(f"the setting of {penalty!r} is chosen by model selection; pass `choose`")
-    return choose(source, target, penalty)
+        raise ValueError(f"the setting of {method!r} is chosen by model selection; pass `choose`")
+    return choose(source, target, method)
 
 
-def final_settings(config: Mapping, penalty: str, chosen: Setting | None) -> list[Setting]:
-    """The settings the test-set runs use: the chosen one when the penalty needs selection
+def final_settings(config: Mapping, method: str, chosen: Setting | None) -> list[Setting]:
+    """The settings the test-set runs use: the chosen one when the method needs selection
     (``chosen`` must then be given), else every candidate."""
-    if needs_selection(config, penalty):
+    if needs_selection(config, method):
         if chosen is None:
-            raise ValueError(f"the setting of {penalty!r} is chosen by model selection; none given")
-        return [chosen]
-    return candidates(config, penalty)
+            raise ValueError(f"the setting of {method!r} is chosen by model selection; none given")
+        return [dict(chosen)]
+    return candidates(config, method)
 
 
-def _tuned_runs(config, choose, sources, targets, penalties, depths, replicates, experiment) -> list[RunSpec]:
-    """Test-set runs at each penalty's final setting(s): source × target × penalty × setting ×
+def _tuned_runs(config, choose, sources, targets, methods, depths, replicates, experiment) -> list[RunSpec]:
+    """Test-set runs at each method's final setting(s): source × target × method × setting ×
     freeze depth × replicate, in that order."""
     runs = []
     for source in sources:
         for target in targets:
-            for penalty in penalties:
-                chosen = _chosen(config, choose, source, target, penalty)
-                for alpha, beta, lr in final_settings(config, penalty, chosen):
+            for method in methods:
+                chosen = _chosen(config, choose, source, target, method)
+                for setting in final_settings(config, method, chosen):
                     for depth in depths:
                         for rep in range(replicates):
-                            runs.append(RunSpec(source, target, penalty, alpha, beta, depth, rep, lr=lr,
-                                                experiment=experiment))
+                            runs.append(RunSpec(source, target, method, setting, depth, rep, experiment=experiment))
     return runs
 
 
 def main_runs(config: Mapping, choose=None) -> list[RunSpec]:
-    """Test-set runs of the grid (Tables 2-3, Fig. 2). ``choose(source, target, penalty)``
-    returns the selected (α, β, lr) for penalties that need selection."""
+    """Test-set runs of the grid (Tables 2-3, Fig. 2). ``choose(source, target, method)``
+    returns the selected setting for methods that need selection."""
     grid = config["grid"]
-    return _tuned_runs(config, choose, grid["sources"], grid["targets"], grid["penalties"], grid["freeze"],
+    return _tuned_runs(config, choose, grid["sources"], grid["targets"], grid["methods"], grid["freeze"],
                        grid["replicates"], "main")
 
 
 def figure_runs(config: Mapping, choose=None) -> list[RunSpec]:
-    """Test-set runs of Fig. 1 (α × β grid) and Fig. 3 (freeze depths, at the main setting)."""
+    """Test-set runs of Fig. 1 (α × β grid; the method's other hyper-parameters at their first
+    listed value) and Fig. 3 (freeze depths, at the main setting)."""
+    from .methods import method_class
+
     figures = config.get("figures", {})
     grid = config["grid"]
     runs = []
     if "alpha_beta" in figures:
         fig = figures["alpha_beta"]
+        method = fig["method"]
+        listed = (grid["methods"].get(method) or {})
+        base = {h.name: h.check(listed.get(h.name, [h.default])[0]) for h in method_class(method).hparams}
         for source in fig.get("sources", grid["sources"]):
             for alpha in fig["alpha"]:
                 for beta in fig["beta"]:
+                    setting = {**base, "alpha": float(alpha), "beta": float(beta), "lr": float(config["finetune"]["lr"])}
                     for rep in range(fig["replicates"]):
-                        runs.append(RunSpec(source, fig["target"], fig["penalty"], float(alpha), float(beta), 0, rep,
-                                            lr=float(config["finetune"]["lr"]), experiment="alpha_beta"))
+                        runs.append(RunSpec(source, fig["target"], method, setting, 0, rep, experiment="alpha_beta"))
     if "freeze" in figures:
         fig = figures["freeze"]
-        runs += _tuned_runs(config, choose, fig.get("sources", grid["sources"]), fig["targets"], fig["penalties"],
+        runs += _tuned_runs(config, choose, fig.get("sources", grid["sources"]), fig["targets"], fig["methods"],
                             fig["depths"], fig["replicates"], "freeze")
     return runs
 

@@ -64,6 +64,11 @@ class DemoResNet(nn.Module):
     def units(self) -> list[nn.Module]:
         return [self.stem, self.stage1, self.stage2, self.stage3]
 
+    def stages(self) -> list[str]:
+        """The last convolution of each stage (DELTA's feature maps): its output before the
+        batch norm and the residual addition, as in DELTA's code."""
+        return ["stage1.conv2", "stage2.conv2", "stage3.conv2"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage3(self.stage2(self.stage1(self.stem(x))))
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
@@ -79,6 +84,12 @@ class Classifier(nn.Module):
 
     def freeze_units(self) -> list[nn.Module]:
         return self.backbone.units()
+
+    def feature_layers(self) -> list[str]:
+        """Module names (relative to the classifier) of the convolutions that end each stage of
+        the backbone, in forward order (``backbone.layer4.2.conv3`` …; see the backbones'
+        ``stages()``): the feature maps of DELTA."""
+        return [f"backbone.{name}" for name in self.backbone.stages()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -105,6 +116,17 @@ class TorchvisionResNet(nn.Module):
         stem = nn.ModuleList([self.conv1, self.bn1])
         blocks = [b for layer in (self.layer1, self.layer2, self.layer3, self.layer4) for b in layer]
         return [stem, *blocks]
+
+    def stages(self) -> list[str]:
+        """The last convolution of the last block of each stage (DELTA's feature maps, e.g.
+        ``layer1.2.conv3`` … ``layer4.2.conv3`` for ResNet-50, as in DELTA's code): its output
+        before the batch norm and the residual addition."""
+        out = []
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            layer = getattr(self, name)
+            last = len(layer) - 1
+            out.append(f"{name}.{last}.conv3" if hasattr(layer[last], "conv3") else f"{name}.{last}.conv2")
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -18,13 +19,13 @@ import torch
 
 from . import __version__
 from .augment import load_task_views
-from .config import RunSpec, derive_seed
+from .config import RunSpec, derive_seed, parse_setting
 from .data import fold_split, load_task, prepare_task
 from .datasets import RAW_INPUTS, convert_weights
 from .download import input_path
 from .fisher import estimate_fisher, load_fisher, normalize_fisher, save_fisher
 from .models import apply_freeze, build_model, split_parameters
-from .penalties import PENALTIES, make_penalty
+from .methods import MethodContext, make_method, method_class
 from .results import write_json_atomic, write_record
 from .train import StopOnSignal, evaluate, load_source, pretrain, save_source, set_determinism, train_steps
 
@@ -199,12 +200,10 @@ def run_config(config: Mapping, spec: RunSpec) -> dict[str, Any]:
             "key": spec.key,
             "experiment": spec.experiment,
             "evaluation": spec.evaluation,
-            "lr": spec.lr,
             "source": spec.source,
             "target": spec.target,
-            "penalty": spec.penalty,
-            "alpha": spec.alpha,
-            "beta": spec.beta,
+            "method": spec.method,
+            "setting": dict(spec.setting),
             "freeze": spec.freeze,
             "replicate": spec.replicate,
             "seed": spec.seed,
@@ -212,7 +211,7 @@ def run_config(config: Mapping, spec: RunSpec) -> dict[str, Any]:
         # lr is in "run"; how often a run is checkpointed does not change its result
         "finetune": {k: v for k, v in config["finetune"].items() if k not in ("lr", "checkpoint_every")},
         "selection": dict(config["selection"]) if spec.fold is not None else {},
-        "fisher": dict(config["fisher"]) if PENALTIES[spec.penalty].uses_fisher else {},
+        "fisher": dict(config["fisher"]) if method_class(spec.method).needs.fisher else {},
         "source": {k: v for k, v in source.items()},
         "target_task": dict(config["tasks"][spec.target]),
         "source_task": dict(config["tasks"][source["task"]]),
@@ -233,7 +232,8 @@ def finetune_run(
     device: str | None = None,
     checkpoint_path=None,
 ) -> tuple[dict, list[float]]:
-    """One fine-tune: source backbone + new head on the target, penalty ``spec.penalty``.
+    """One fine-tune: source backbone + new head on the target, method ``spec.method`` at
+    ``spec.setting``.
 
     A ``test`` run trains on the target's training split and scores on its test split; a
     ``val{f}`` run trains on the training split less fold f and scores on fold f. Writes and
@@ -241,7 +241,7 @@ def finetune_run(
     fine-tuned classifier goes to ``model_out`` when given.
 
     With ``checkpoint_path``: on SIGTERM (and every ``finetune.checkpoint_every`` steps) the
-    run's state — weights, optimizer, penalty buffers, step, RNG states and the resolved
+    run's state — weights, optimizer, the method's state, step, RNG states and the resolved
     config — is written there; after SIGTERM :class:`spbench.train.Preempted` is raised. A
     later call finds the checkpoint and resumes: its record equals an uninterrupted run's,
     but for the cost fields. The checkpoint is removed once the record is written.
@@ -258,30 +258,23 @@ def finetune_run(
     src_model, _ = load_source(source_model)
     model = build_model(info["arch"], target_meta["num_classes"], info["in_channels"])  # head: seeded random init
     model.backbone.load_state_dict(src_model.backbone.state_dict())
-    source_head = src_model.head
     model.to(dev)
-    source_head.to(dev)
+    src_model.to(dev).eval().requires_grad_(False)
 
     frozen = apply_freeze(model, spec.freeze)
     inherited, head = split_parameters(model, ft["sp_scope"])
     fisher = None
     fisher_meta: dict[str, Any] = {}
-    if PENALTIES[spec.penalty].uses_fisher:
+    cls = method_class(spec.method)
+    if cls.needs.fisher:
         if fisher_path is None:
-            raise ValueError(f"penalty {spec.penalty!r} needs the source's Fisher file")
+            raise ValueError(f"method {spec.method!r} needs the source's Fisher file")
         raw, fisher_meta = load_fisher(fisher_path)
         fisher = normalize_fisher({n: raw[n].to(dev) for n in inherited}, config["fisher"]["normalize"])
-    penalty = make_penalty(
-        spec.penalty,
-        inherited,
-        head,
-        alpha=spec.alpha,
-        beta=spec.beta,
-        fisher=fisher,
-        variant=ft["nonsmooth"],
-        eps=ft["epsilon"],
-    ).to(dev)
-    log.info("run %s (seed %d): %s; %d frozen tensors", spec.key, spec.seed, penalty.describe(), len(frozen))
+    context = MethodContext(model, inherited, head, source_model=src_model, fisher=fisher,
+                            nonsmooth=ft["nonsmooth"], epsilon=ft["epsilon"])
+    method = make_method(spec.method, context, **spec.hparams).to(dev)
+    log.info("run %s (seed %d): %s; %d frozen tensors", spec.key, spec.seed, method.describe(), len(frozen))
 
     x, y = target_x["train"], target_y["train"]
     if spec.fold is None:
@@ -301,11 +294,10 @@ def finetune_run(
         resume = load_checkpoint(checkpoint_path)
         if resume["run_key"] != spec.key or resume["config_json"] != config_json:
             raise ValueError(f"{checkpoint_path} belongs to another run or config; remove it to start afresh")
-        penalty.load_state_dict(resume["penalty"])
         log.info("run %s: resuming from step %d of %s", spec.key, resume["step"], checkpoint_path)
 
     def checkpoint(state: dict[str, Any]) -> None:
-        state.update(run_key=spec.key, config_json=config_json, penalty=penalty.state_dict())
+        state.update(run_key=spec.key, config_json=config_json)
         save_checkpoint(checkpoint_path, state)
         log.info("run %s: checkpoint at step %d -> %s", spec.key, state["step"], checkpoint_path)
 
@@ -314,7 +306,7 @@ def finetune_run(
     with StopOnSignal() as stop:
         history = train_steps(
             model,
-            penalty,
+            method,
             x,
             y,
             steps=ft["steps"],
@@ -330,25 +322,31 @@ def finetune_run(
             save_checkpoint=checkpoint if checkpoint_path is not None else None,
             checkpoint_every=ft["checkpoint_every"],
             stop=stop,
+            setup_x=x if isinstance(x, torch.Tensor) else x.central(),
         )
     test_acc = evaluate(model, x_eval.to(dev), y_eval.to(dev), ft["eval_batch_size"])
-    # Source-task retention (Table 3): the fine-tuned backbone under the ORIGINAL source head.
-    source_net = torch.nn.Sequential(model.backbone, source_head)
+    # Source-task retention (Table 3): the fine-tuned backbone under the original source head,
+    # or under the method's own retention head (LwF and Co-Tuning train a copy of it).
+    retention = method.retention_head()
+    source_net = torch.nn.Sequential(model.backbone, retention if retention is not None else src_model.head)
     source_acc = evaluate(source_net, source_x["test"].to(dev), source_y["test"].to(dev), ft["eval_batch_size"])
     wall = time.perf_counter() - start
-    describe = penalty.describe()
+    describe = method.describe()
+    hparams = spec.hparams
     record = {
         "run_key": spec.key,
         "experiment": spec.experiment,
         "source": spec.source,
         "target": spec.target,
-        "penalty": spec.penalty,
-        "alpha": spec.alpha,
-        "beta": spec.beta,
+        "method": spec.method,
+        "setting": spec.setting_text,
         "freeze": spec.freeze,
         "evaluation": spec.evaluation,
         "replicate": spec.replicate,
         "seed": spec.seed,
+        "hparams_json": json.dumps(hparams, sort_keys=True),
+        "alpha": float(hparams.get("alpha", math.nan)),
+        "beta": float(hparams.get("beta", math.nan)),
         "arch": info["arch"],
         "sp_scope": ft["sp_scope"],
         "penalty_variant": describe.get("variant", ""),
@@ -364,6 +362,8 @@ def finetune_run(
         "num_classes": target_meta["num_classes"],
         "n_inherited_tensors": describe["n_inherited_tensors"],
         "n_head_tensors": describe["n_head_tensors"],
+        "n_method_parameters": describe["n_method_parameters"],
+        "retention_head": "original" if retention is None else "method",
         "test_accuracy": test_acc,
         "final_train_loss": history.loss[-1],
         "source_accuracy": source_acc,
@@ -409,26 +409,27 @@ def aggregate_records(record_paths, out_path) -> int:
 
 
 def select_setting(record_paths, out_path) -> dict:
-    """Choose one penalty's (α, β, lr) for a (source, target) from its validation records,
-    with the same rule as the report's selection table; write it with every candidate's score."""
+    """Choose one method's setting for a (source, target) from its validation records, with
+    the same rule as the report's selection table; write it with every candidate's score."""
     from .reports import selected_settings, selection_table
     from .results import read_record, records_to_frame
 
     frame = records_to_frame(read_record(p) for p in record_paths)
     chosen = selected_settings(frame)
     if len(chosen) != 1:
-        raise ValueError(f"expected validation runs of one (source, target, penalty), got {len(chosen)} groups")
+        raise ValueError(f"expected validation runs of one (source, target, method), got {len(chosen)} groups")
     row = chosen.iloc[0]
     scores = selection_table(frame)
     result = {
         "source": row["source"],
         "target": row["target"],
-        "penalty": row["penalty"],
-        "selected": {"alpha": float(row["alpha"]), "beta": float(row["beta"]), "lr": float(row["lr"])},
+        "method": row["method"],
+        "setting": row["setting"],
+        "selected": parse_setting(row["setting"]),
         "candidates": json.loads(scores.to_json(orient="records")),
     }
     write_json_atomic(out_path, result)
-    log.info("selected for %s/%s/%s: %s", row["source"], row["target"], row["penalty"], result["selected"])
+    log.info("selected for %s/%s/%s: %s", row["source"], row["target"], row["method"], result["setting"])
     return result
 
 
@@ -447,13 +448,13 @@ def activation_table(config: Mapping, source: str, source_model, target_dir, fin
     images = load_task(target_dir).x["test"][: fig["max_images"]]
     rows = []
     for label, path in finetuned.items():
-        penalty, alpha, beta, lr = label.split(":")
+        method, setting = label.split(":")
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model = build_model(blob["arch"], blob["num_classes"], blob["in_channels"])
         model.load_state_dict(blob["state_dict"])
         for row in unit_r2(pretrained.backbone, model.backbone, images):
-            rows.append({"source": source, "target": fig["target"], "penalty": penalty, "alpha": float(alpha),
-                         "beta": float(beta), "replicate": 0, **row})
+            rows.append({"source": source, "target": fig["target"], "method": method, "setting": setting,
+                         "replicate": 0, **row})
         log.info("R² of %s: %d units", label, len(rows))
     table = pa.Table.from_pylist(rows, schema=R2_SCHEMA)
     pd.DataFrame(table.to_pandas()).to_parquet(out_path, index=False)

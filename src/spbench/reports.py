@@ -20,8 +20,9 @@ Conventions shared by all outputs:
   "val{f}"`` runs (trained on the training set less fold f, scored on fold f) feed model
   selection only. Tables 2, 3, Fig. 1, Fig. 2 and the paired differences use ``freeze == 0``
   (nothing frozen), as in the paper; freezing is the subject of Fig. 3.
-* A *setting* is one ``(penalty, alpha, beta, lr)``; a *cell* is one ``(source, target)`` and
-  one setting. Statistics are over the replicates of a cell: ``n`` is the number of runs with
+* A *setting* is one ``(method, setting)``: a method of :mod:`spbench.methods` and the
+  canonical text of its hyper-parameters and learning rate (``alpha=0.01,beta=0.01,lr=0.05``,
+  :func:`spbench.config.format_setting`); a *cell* is one ``(source, target)`` and one setting. Statistics are over the replicates of a cell: ``n`` is the number of runs with
   a non-missing value, ``mean`` their arithmetic mean and ``std`` the sample standard
   deviation (ddof = 1, NaN when ``n == 1``).
 * One run, one row. A run table whose rows share the whole run identity
@@ -29,15 +30,17 @@ Conventions shared by all outputs:
   part of the study that asked for the run: the workflow runs a setting wanted by two
   experiments once per experiment, with the same seed) are one run and counted once, the
   ``main`` row kept.
-* Model selection (:func:`selection_table`): per (source, target, penalty), the setting with
-  the highest mean validation accuracy; ties go to the smallest alpha, then beta, then lr.
-  Where a penalty was selected, Tables 2, 3 and Fig. 2 show its selected setting only (the
+* Model selection (:func:`selection_table`): per (source, target, method), the setting with
+  the highest mean validation accuracy; ties go to the smallest value of each hyper-parameter
+  in the order of their names (for the penalties: alpha, then beta, then lr). Where a method
+  was selected, Tables 2, 3 and Fig. 2 show its selected setting only (the
   paper reports the setting chosen by cross-validation); when the table has an
   ``experiment`` column they show the ``main`` experiment's runs only (not Fig. 1's grid).
 * Accuracies are stored as fractions and reported in percent; differences and accuracy drops
   in percentage points.
-* Penalties are ordered ``none, l2, l2_sp, l2_sp_fisher, l1_sp, gl_sp, gl_sp_fisher`` and then
-  any others alphabetically; within a penalty by ``alpha``, ``beta``, then ``lr``. Sources and
+* Methods are ordered as :data:`METHOD_ORDER` (the paper's penalties, then the later
+  methods) and then any others alphabetically; within a method by the values of its
+  hyper-parameters in the order of their names. Sources and
   targets are ordered naturally (``k5`` before ``k10``).
 * Outputs the data cannot support raise :class:`InsufficientDataError` (a ``ValueError``)
   naming what is missing; :func:`write_reports` skips those and logs why.
@@ -60,10 +63,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .config import parse_setting
 from .results import IDENTITY, OVERHEAD_SCHEMA, R2_SCHEMA, SchemaError, read_parquet
 
 __all__ = [
-    "PENALTY_ORDER",
+    "METHOD_ORDER",
     "SETTING",
     "GROUP",
     "FORMATS",
@@ -96,11 +100,14 @@ __all__ = [
 # named, not __name__: under `python -m spbench.reports` the module runs as __main__
 logger = logging.getLogger("spbench.reports")
 
-#: Penalties in the order of the paper's tables and Fig. 2; others follow alphabetically.
-PENALTY_ORDER: tuple[str, ...] = ("none", "l2", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher")
+#: Methods in the order of the tables and Fig. 2: the paper's penalties, then the later
+#: methods; others follow alphabetically.
+METHOD_ORDER: tuple[str, ...] = (
+    "none", "l2", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher", "lwf", "delta", "bss", "co_tuning",
+)
 
 #: The columns of one setting.
-SETTING: list[str] = ["penalty", "alpha", "beta", "lr"]
+SETTING: list[str] = ["method", "setting"]
 
 #: The columns one table row (a cell) is grouped by.
 GROUP: list[str] = ["source", "target", *SETTING]
@@ -172,9 +179,15 @@ def _required(*extra: str) -> list[str]:
     return [*(c for c in IDENTITY if c != "experiment"), *extra]
 
 
+#: The typed hyper-parameter columns of the run table (Fig. 1's axes, its facets).
+_TYPED_HPARAMS = ("alpha", "beta", "lr")
+
+
 def _slim(runs: pd.DataFrame, *values: str) -> pd.DataFrame:
-    """Only the identity and the ``values`` columns (the rest is dead weight for filtering)."""
-    return runs[list(dict.fromkeys([*_identity(runs), *values]))]
+    """Only the identity, the typed hyper-parameters and the ``values`` columns (the rest is
+    dead weight for filtering)."""
+    typed = [c for c in _TYPED_HPARAMS if c in runs.columns]
+    return runs[list(dict.fromkeys([*_identity(runs), *typed, *values]))]
 
 
 def _one_row_per_run(runs: pd.DataFrame, what: str) -> pd.DataFrame:
@@ -231,23 +244,38 @@ def _natural_key(text: str) -> tuple:
     return tuple((0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in tokens)
 
 
-def _penalty_key(name: str) -> tuple[int, str]:
-    return (PENALTY_ORDER.index(name), "") if name in PENALTY_ORDER else (len(PENALTY_ORDER), str(name))
+def _method_key(name: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(name), "") if name in METHOD_ORDER else (len(METHOD_ORDER), str(name))
+
+
+def _values_key(setting: str) -> tuple:
+    """A setting's hyper-parameter values in the order of their names (``alpha``, ``beta``, ``lr``)."""
+    values = parse_setting(str(setting))
+    return tuple((name, float(values[name])) for name in sorted(values))
 
 
 def _setting_key(setting: Sequence) -> tuple:
-    penalty, *numbers = setting
-    return (_penalty_key(penalty), *(float(x) for x in numbers))
+    method, text = setting
+    return (_method_key(method), _values_key(text))
+
+
+def _setting_rank(frame: pd.DataFrame) -> pd.Series:
+    """Each row's setting as a rank in report order (for tie-breaking sorts)."""
+    keys = sorted({(str(m), str(t)) for m, t in frame[SETTING].itertuples(index=False)}, key=_setting_key)
+    rank = {k: i for i, k in enumerate(keys)}
+    return pd.Series([rank[(str(m), str(t))] for m, t in frame[SETTING].itertuples(index=False)], index=frame.index)
 
 
 def _sort_rows(frame: pd.DataFrame, by: Sequence[str] = GROUP) -> pd.DataFrame:
-    """Rows in report order: natural order of text keys, PENALTY_ORDER, then numbers."""
+    """Rows in report order: natural order of text keys, METHOD_ORDER, settings by their values."""
 
     def key(values: tuple) -> tuple:
         out = []
         for column, value in zip(by, values):
-            if column == "penalty":
-                out.append(_penalty_key(value))
+            if column == "method":
+                out.append(_method_key(value))
+            elif column == "setting":
+                out.append(_values_key(value))
             elif isinstance(value, str):
                 out.append(_natural_key(value))
             else:
@@ -264,16 +292,14 @@ def _pairs(frame: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted(pairs, key=lambda st: (_natural_key(st[0]), _natural_key(st[1])))
 
 
-def _settings_of(frame: pd.DataFrame) -> list[tuple[str, float, float, float]]:
-    found = {(str(p), float(a), float(b), float(lr)) for p, a, b, lr in frame[SETTING].itertuples(index=False)}
+def _settings_of(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    found = {(str(m), str(t)) for m, t in frame[SETTING].itertuples(index=False)}
     return sorted(found, key=_setting_key)
 
 
 def _is_setting(frame: pd.DataFrame, setting: tuple) -> pd.Series:
-    penalty, alpha, beta, lr = setting
-    return (
-        (frame["penalty"] == penalty) & (frame["alpha"] == alpha) & (frame["beta"] == beta) & (frame["lr"] == lr)
-    )
+    method, text = setting
+    return (frame["method"] == method) & (frame["setting"] == text)
 
 
 def _aggregate(runs: pd.DataFrame, column: str, scale: float, by: Sequence[str] = GROUP) -> pd.DataFrame:
@@ -290,13 +316,14 @@ def _aggregate(runs: pd.DataFrame, column: str, scale: float, by: Sequence[str] 
 def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Model selection on validation folds (the runs with ``evaluation`` ``val<f>``, ``freeze == 0``).
 
-    Per (source, target, penalty, alpha, beta, lr): ``n`` = number of validation runs with a
+    Per (source, target, method, setting): ``n`` = number of validation runs with a
     score (folds × replicates), ``folds`` and ``replicates`` = how many distinct of each,
     ``mean`` = mean of 100 · accuracy on the held-out fold (the ``test_accuracy`` column of a
     validation run) over those runs, each run weighing the same, ``std`` its sample std
-    (ddof = 1). ``selected`` marks, per (source, target, penalty), the setting with the highest
-    ``mean``; equal means (compared to 1e-9 percentage points) go to the smallest alpha, then
-    the smallest beta, then the smallest lr. A setting without any score is never selected.
+    (ddof = 1). ``selected`` marks, per (source, target, method), the setting with the highest
+    ``mean``; equal means (compared to 1e-9 percentage points) go to the setting first in report
+    order (the smallest value of each hyper-parameter, in the order of their names: for the
+    penalties alpha, then beta, then lr). A setting without any score is never selected.
     Test-set runs are never looked at.
     """
     _check_runs(runs, _required("test_accuracy"), "selection_table")
@@ -308,52 +335,49 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     out = out.merge(counts.reset_index(), on=GROUP, how="left", validate="one_to_one")
     out = _sort_rows(out)[[*GROUP, "n", "folds", "replicates", "mean", "std"]]
     out["selected"] = False
-    for _, group in out.groupby(["source", "target", "penalty"], sort=False):
+    for _, group in out.groupby(["source", "target", "method"], sort=False):
         scored = group[group["mean"].notna()]
         if scored.empty:
             continue
-        ranking = scored.assign(_m=-scored["mean"].round(9)).sort_values(
-            ["_m", "alpha", "beta", "lr"], kind="stable"
+        ranking = scored.assign(_m=-scored["mean"].round(9), _k=_setting_rank(scored)).sort_values(
+            ["_m", "_k"], kind="stable"
         )
         out.loc[ranking.index[0], "selected"] = True
     return out
 
 
 def selected_settings(runs: pd.DataFrame) -> pd.DataFrame:
-    """The setting chosen for each (source, target, penalty) that has validation runs.
+    """The setting chosen for each (source, target, method) that has validation runs.
 
-    Columns ``source, target, penalty, alpha, beta, lr``, one row per (source, target,
-    penalty), in report order: the rows of :func:`selection_table` marked ``selected`` (highest
-    mean validation accuracy; ties to the smallest alpha, then beta, then lr). Raises
+    Columns ``source, target, method, setting``, one row per (source, target, method), in
+    report order: the rows of :func:`selection_table` marked ``selected`` (highest mean
+    validation accuracy; ties to the setting first in report order). Raises
     :class:`InsufficientDataError` when ``runs`` holds no validation runs.
     """
     table = selection_table(runs)
     return table.loc[table["selected"], GROUP].reset_index(drop=True)
 
 
-def _selected_or_none(runs: pd.DataFrame) -> dict[tuple[str, str, str], tuple[str, float, float, float]]:
-    """(source, target, penalty) -> selected setting; empty without validation runs."""
+def _selected_or_none(runs: pd.DataFrame) -> dict[tuple[str, str, str], tuple[str, str]]:
+    """(source, target, method) -> selected setting; empty without validation runs."""
     try:
         chosen = selected_settings(runs)
     except InsufficientDataError:
         return {}
-    return {
-        (s, t, p): (p, float(a), float(b), float(lr))
-        for s, t, p, a, b, lr in chosen[GROUP].itertuples(index=False)
-    }
+    return {(s, t, m): (m, text) for s, t, m, text in chosen[GROUP].itertuples(index=False)}
 
 
 def _reported(test: pd.DataFrame, chosen: Mapping, what: str) -> pd.DataFrame:
     """The test runs Tables 2, 3 and Fig. 2 show: the ``main`` experiment's runs when the
-    table says which experiment asked for a run, and of a penalty that went through model
+    table says which experiment asked for a run, and of a method that went through model
     selection only its selected setting."""
     if "experiment" in test.columns and (test["experiment"] == "main").any():
         test = test[test["experiment"] == "main"]
     if not chosen:
         return test
     keep = pd.Series(True, index=test.index)
-    for (source, target, penalty), setting in chosen.items():
-        here = (test["source"] == source) & (test["target"] == target) & (test["penalty"] == penalty)
+    for (source, target, method), setting in chosen.items():
+        here = (test["source"] == source) & (test["target"] == target) & (test["method"] == method)
         if here.any() and not (here & _is_setting(test, setting)).any():
             logger.warning(
                 "%s: no test runs of the selected setting %s for %s -> %s; its cell stays empty",
@@ -372,24 +396,29 @@ def _t_quantile(level: float, dof: int) -> float:
     return float(stats.t.ppf(0.5 + level / 2.0, dof))
 
 
+def _most_run_setting(frame: pd.DataFrame) -> tuple[str, str]:
+    """The setting of ``frame`` with the most runs that have a test accuracy (ties: the first
+    in report order)."""
+    counts = frame.groupby(SETTING, dropna=False)["test_accuracy"].count().reset_index()
+    counts = counts.assign(_n=-counts["test_accuracy"], _k=_setting_rank(counts)).sort_values(["_n", "_k"], kind="stable")
+    best = counts.iloc[0]
+    return (str(best["method"]), str(best["setting"]))
+
+
 def _baseline_settings(
     test: pd.DataFrame, chosen: Mapping, baseline: str
-) -> dict[tuple[str, str], tuple[tuple[str, float, float, float], str]]:
+) -> dict[tuple[str, str], tuple[tuple[str, str], str]]:
     """(source, target) -> (baseline setting, the rule that chose it)."""
     out = {}
     for source, target in _pairs(test):
-        here = test[(test["source"] == source) & (test["target"] == target) & (test["penalty"] == baseline)]
+        here = test[(test["source"] == source) & (test["target"] == target) & (test["method"] == baseline)]
         if here.empty:
             continue
         setting = chosen.get((source, target, baseline))
         if setting is not None and _is_setting(here, setting).any():
             out[(source, target)] = (setting, "selected on validation folds")
             continue
-        counts = here.groupby(SETTING, dropna=False)["test_accuracy"].count().reset_index()
-        counts = counts.assign(_n=-counts["test_accuracy"]).sort_values(["_n", "alpha", "beta", "lr"], kind="stable")
-        best = counts.iloc[0]
-        setting = (baseline, float(best["alpha"]), float(best["beta"]), float(best["lr"]))
-        out[(source, target)] = (setting, "most replicates")
+        out[(source, target)] = (_most_run_setting(here), "most replicates")
     return out
 
 
@@ -397,16 +426,16 @@ def paired_differences(runs: pd.DataFrame, baseline: str = "l2", *, level: float
     """Paired test-accuracy differences of every setting against the baseline, per (source, target).
 
     Over the test runs with ``freeze == 0``. For each (source, target) the *baseline setting*
-    is the ``baseline`` penalty's setting selected on validation folds (:func:`selected_settings`)
+    is the ``baseline`` method's setting selected on validation folds (:func:`selected_settings`)
     when it has test runs there; otherwise the ``baseline`` setting with the most test
-    replicates (ties: smallest alpha, then beta, then lr). Every other setting of that
+    replicates (ties: the first in report order). Every other setting of that
     (source, target) is matched to it on ``replicate`` (runs with one replicate index share
     the seed: head initialisation and batch order); with d_r = 100 · (acc_r − acc_baseline,r)
     over the ``n`` replicates both have: ``delta`` = mean of d (percentage points), ``sd`` =
     its sample std (ddof = 1), and the ``level`` (95 %) Student-t confidence interval
     ``ci_low``, ``ci_high`` = delta ∓ t.ppf(0.5 + level/2, n − 1) · sd / √n (NaN when n < 2).
-    Settings with no replicate in common are left out. The ``baseline_*`` columns name the
-    baseline setting and ``baseline_rule`` how it was chosen.
+    Settings with no replicate in common are left out. ``baseline_method`` and
+    ``baseline_setting`` name the baseline setting and ``baseline_rule`` how it was chosen.
     """
     _check_runs(runs, _required("test_accuracy"), "paired_differences")
     runs = _slim(runs, "test_accuracy")
@@ -414,11 +443,11 @@ def paired_differences(runs: pd.DataFrame, baseline: str = "l2", *, level: float
 
 
 def _paired(test: pd.DataFrame, chosen: Mapping, baseline: str, level: float) -> pd.DataFrame:
-    if not (test["penalty"] == baseline).any():
-        present = sorted(test["penalty"].unique().tolist(), key=_penalty_key)
+    if not (test["method"] == baseline).any():
+        present = sorted(test["method"].unique().tolist(), key=_method_key)
         raise InsufficientDataError(
-            f"paired_differences: no test runs (freeze == 0) of the baseline penalty {baseline!r} "
-            f"(penalties present: {present})"
+            f"paired_differences: no test runs (freeze == 0) of the baseline method {baseline!r} "
+            f"(methods present: {present})"
         )
     bases = _baseline_settings(test, chosen, baseline)
     rows = []
@@ -438,14 +467,11 @@ def _paired(test: pd.DataFrame, chosen: Mapping, baseline: str, level: float) ->
             sd = float(d.std(ddof=1)) if n > 1 else math.nan
             half = _t_quantile(level, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
             rows.append({
-                "source": source, "target": target, "penalty": setting[0], "alpha": setting[1],
-                "beta": setting[2], "lr": setting[3], "baseline_penalty": base[0],
-                "baseline_alpha": base[1], "baseline_beta": base[2], "baseline_lr": base[3],
-                "baseline_rule": rule, "n": n, "delta": mean, "sd": sd,
+                "source": source, "target": target, "method": setting[0], "setting": setting[1],
+                "baseline_method": base[0], "baseline_setting": base[1], "baseline_rule": rule, "n": n, "delta": mean, "sd": sd,
                 "ci_low": mean - half, "ci_high": mean + half,
             })
-    columns = [*GROUP, "baseline_penalty", "baseline_alpha", "baseline_beta", "baseline_lr", "baseline_rule",
-               "n", "delta", "sd", "ci_low", "ci_high"]
+    columns = [*GROUP, "baseline_method", "baseline_setting", "baseline_rule", "n", "delta", "sd", "ci_low", "ci_high"]
     return _sort_rows(pd.DataFrame(rows, columns=columns))
 
 
@@ -457,8 +483,8 @@ def table2(runs: pd.DataFrame, *, baseline: str | None = "l2") -> pd.DataFrame:
 
     Over the reported test runs (``evaluation == "test"``, ``freeze == 0``, the ``main``
     experiment and selected settings; see the module's conventions), per (source, target,
-    penalty, alpha, beta, lr): ``n`` replicates, ``mean`` = mean of 100 · test_accuracy,
-    ``std`` = its sample std (ddof = 1; NaN when n == 1). With a ``baseline`` penalty that has
+    method, setting): ``n`` replicates, ``mean`` = mean of 100 · test_accuracy,
+    ``std`` = its sample std (ddof = 1; NaN when n == 1). With a ``baseline`` method that has
     test runs: ``delta``, ``delta_sd``, ``delta_n``, ``delta_low``, ``delta_high`` = the paired
     difference to the row's baseline setting and its 95 % confidence interval
     (:func:`paired_differences`; NaN for the baseline cell itself), and ``is_baseline`` marks
@@ -470,17 +496,15 @@ def table2(runs: pd.DataFrame, *, baseline: str | None = "l2") -> pd.DataFrame:
     every = _test_runs(runs, "table2")
     test = _reported(every, chosen, "table2")
     out = _sort_rows(_aggregate(test, "test_accuracy", 100.0))
-    if baseline is None or not (test["penalty"] == baseline).any():
+    if baseline is None or not (test["method"] == baseline).any():
         return out
     paired = _paired(every, chosen, baseline, 0.95).rename(
         columns={"sd": "delta_sd", "n": "delta_n", "ci_low": "delta_low", "ci_high": "delta_high"}
     )
     out = out.merge(paired[[*GROUP, *_DELTA_COLUMNS]], on=GROUP, how="left", validate="one_to_one")
     bases = _baseline_settings(every, chosen, baseline)
-    out["is_baseline"] = [
-        (s, t) in bases and (p, float(a), float(b), float(lr)) == bases[(s, t)][0]
-        for s, t, p, a, b, lr in out[GROUP].itertuples(index=False)
-    ]
+    out["is_baseline"] = [(s, t) in bases and (m, text) == bases[(s, t)][0]
+                          for s, t, m, text in out[GROUP].itertuples(index=False)]
     return out
 
 
@@ -537,33 +561,43 @@ def _fmt_hparam(x: float) -> str:
     return format(float(x), "g")
 
 
-def setting_labels(cells: pd.DataFrame) -> dict[tuple[str, float, float, float], str]:
-    """Label of each (penalty, alpha, beta, lr) setting present in ``cells``, in report order.
+#: How labels write a hyper-parameter's name.
+_SYMBOLS = {"alpha": "α", "beta": "β", "lambda": "λ", "eta": "η", "temperature": "T"}
 
-    A penalty seen with one setting is labelled by its name; one seen with several gets one
-    label per setting, e.g. ``l2_sp (α=0.1, β=0.01)``, with ``lr=…`` added only when that
-    penalty has several learning rates in ``cells``.
+
+def _hparam_parts(setting: str, with_lr: bool) -> list[str]:
+    values = parse_setting(setting)
+    parts = [f"{_SYMBOLS.get(n, n)}={_fmt_hparam(values[n])}" for n in sorted(values) if n != "lr"]
+    if with_lr:
+        parts.append(f"lr={_fmt_hparam(values['lr'])}")
+    return parts
+
+
+def setting_labels(cells: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """Label of each (method, setting) present in ``cells``, in report order.
+
+    A method seen with one setting is labelled by its name; one seen with several gets one
+    label per setting, its hyper-parameters in name order, e.g. ``l2_sp (α=0.1, β=0.01)``, with
+    ``lr=…`` added only when that method has several learning rates in ``cells``.
     """
     settings = _settings_of(cells)
     count: dict[str, int] = {}
     lrs: dict[str, set[float]] = {}
-    for p, _, _, lr in settings:
-        count[p] = count.get(p, 0) + 1
-        lrs.setdefault(p, set()).add(lr)
+    for m, text in settings:
+        count[m] = count.get(m, 0) + 1
+        lrs.setdefault(m, set()).add(parse_setting(text)["lr"])
     labels = {}
-    for p, a, b, lr in settings:
-        if count[p] == 1:
-            labels[(p, a, b, lr)] = p
+    for m, text in settings:
+        if count[m] == 1:
+            labels[(m, text)] = m
         else:
-            parts = [f"α={_fmt_hparam(a)}", f"β={_fmt_hparam(b)}"]
-            if len(lrs[p]) > 1:
-                parts.append(f"lr={_fmt_hparam(lr)}")
-            labels[(p, a, b, lr)] = f"{p} ({', '.join(parts)})"
+            labels[(m, text)] = f"{m} ({', '.join(_hparam_parts(text, len(lrs[m]) > 1))})"
     return labels
 
 
-def _setting_text(penalty: str, alpha: float, beta: float, lr: float) -> str:
-    return f"{penalty} (α={_fmt_hparam(alpha)}, β={_fmt_hparam(beta)}, lr={_fmt_hparam(lr)})"
+def _setting_text(method: str, setting: str) -> str:
+    parts = _hparam_parts(setting, True)
+    return f"{method} ({', '.join(parts)})"
 
 
 # --------------------------------------------------------------------------- rendering
@@ -607,7 +641,7 @@ _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
     "<": r"\textless{}", ">": r"\textgreater{}",
-    "±": r"$\pm$", "α": r"$\alpha$", "β": r"$\beta$", "Δ": r"$\Delta$", "×": r"$\times$",
+    "±": r"$\pm$", "α": r"$\alpha$", "β": r"$\beta$", "λ": r"$\lambda$", "η": r"$\eta$", "Δ": r"$\Delta$", "×": r"$\times$",
     "²": r"$^2$", "√": r"$\surd$", "−": r"$-$", "→": r"$\to$", "≥": r"$\geq$", "≤": r"$\leq$",
     "—": "---", "–": "--", "“": "``", "”": "''", "’": "'", "§": r"\S{}", "…": r"\ldots{}",
 }
@@ -710,9 +744,8 @@ def _cells_display(
     labels = setting_labels(cells)
     n_max = int(cells["n"].max())
     delta = _has_delta(cells)
-    multi = {p for p, *_ in labels if sum(q == p for q, *_ in labels) > 1}
-    lookup = {(r.source, r.target, r.penalty, float(r.alpha), float(r.beta), float(r.lr)): r
-              for r in cells.itertuples(index=False)}
+    multi = {m for m, _ in labels if sum(q == m for q, _ in labels) > 1}
+    lookup = {(r.source, r.target, r.method, r.setting): r for r in cells.itertuples(index=False)}
     header = ["source", "target", *(h for _, h in extra_columns), *labels.values()]
     table = _Display(name, title, caption, header, ["l", "l"] + ["r"] * (len(header) - 2))
     for source, target in _pairs(cells):
@@ -742,11 +775,11 @@ def _cells_display(
 def _table2_display(t2: pd.DataFrame) -> _Display:
     caption = (
         f"Target test accuracy (%), mean ± sample std over {_replicates_phrase(t2)}; "
-        "no frozen layers (freeze = 0); for a penalty whose setting was chosen on validation folds, "
+        "no frozen layers (freeze = 0); for a method whose setting was chosen on validation folds, "
         "the chosen setting only."
     )
     if _has_delta(t2):
-        base = t2.loc[t2["is_baseline"].astype(bool), "penalty"]
+        base = t2.loc[t2["is_baseline"].astype(bool), "method"]
         name = base.iloc[0] if len(base) else "baseline"
         caption += (
             f" (Δ …): paired difference to the row's {name} cell over the replicates both have "
@@ -816,14 +849,15 @@ def render_selection(selection: pd.DataFrame, fmt: str = "markdown") -> str:
     caption = (
         "Model selection: each candidate setting trained on the training set less one fold and scored "
         "on that fold; validation accuracy (%), mean ± sample std over folds × replicates (runs). "
-        "Per source, target and penalty the highest mean is selected (ties: smallest α, then β, then lr). "
+        "Per source, target and method the highest mean is selected (ties: the smallest value of each "
+        "hyper-parameter, in the order of their names). "
         "The test set is not used."
     )
-    header = ["source", "target", "penalty", "α", "β", "lr", "runs", "folds", "validation accuracy (%)", "selected"]
-    table = _Display("selection", "Model selection.", caption, header, ["l"] * 3 + ["r"] * 6 + ["l"])
+    header = ["source", "target", "method", "setting", "runs", "folds", "validation accuracy (%)", "selected"]
+    table = _Display("selection", "Model selection.", caption, header, ["l"] * 4 + ["r"] * 3 + ["l"])
     for r in selection.itertuples(index=False):
         acc = "—" if math.isnan(r.mean) else _fmt_mean_std(r.mean, r.std, 0, 0, ".2f")
-        table.add([r.source, r.target, r.penalty, _fmt_hparam(r.alpha), _fmt_hparam(r.beta), _fmt_hparam(r.lr),
+        table.add([r.source, r.target, r.method, ", ".join(_hparam_parts(r.setting, True)),
                    str(int(r.n)), str(int(r.folds)), acc, "yes" if r.selected else ""])
     return _render(table, fmt)
 
@@ -831,8 +865,8 @@ def render_selection(selection: pd.DataFrame, fmt: str = "markdown") -> str:
 def render_paired(paired: pd.DataFrame, fmt: str = "markdown") -> str:
     """The paired differences (:func:`paired_differences`) as ``fmt``: one row per setting with
     its baseline, n, mean difference ± sd and the 95 % confidence interval."""
-    _check_runs(paired, [*GROUP, "baseline_penalty", "baseline_alpha", "baseline_beta", "baseline_lr",
-                         "baseline_rule", "n", "delta", "sd", "ci_low", "ci_high"], "render_paired")
+    _check_runs(paired, [*GROUP, "baseline_method", "baseline_setting", "baseline_rule", "n", "delta", "sd",
+                         "ci_low", "ci_high"], "render_paired")
     rules = sorted(set(paired["baseline_rule"]))
     caption = (
         "Paired differences of target test accuracy (percentage points; freeze = 0): each setting minus "
@@ -841,12 +875,12 @@ def render_paired(paired: pd.DataFrame, fmt: str = "markdown") -> str:
         "Student-t confidence interval Δ ± t(0.975, n−1)·sd/√n (n/a when n < 2). Baseline: "
         + "; ".join(rules) + "."
     )
-    header = ["source", "target", "penalty", "α", "β", "lr", "baseline", "n", "Δ", "sd", "95 % CI"]
-    table = _Display("paired", "Paired differences.", caption, header, ["l"] * 3 + ["r"] * 3 + ["l"] + ["r"] * 4)
+    header = ["source", "target", "method", "setting", "baseline", "n", "Δ", "sd", "95 % CI"]
+    table = _Display("paired", "Paired differences.", caption, header, ["l"] * 5 + ["r"] * 4)
     for r in paired.itertuples(index=False):
         ci = "n/a" if math.isnan(r.ci_low) else f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
-        table.add([r.source, r.target, r.penalty, _fmt_hparam(r.alpha), _fmt_hparam(r.beta), _fmt_hparam(r.lr),
-                   _setting_text(r.baseline_penalty, r.baseline_alpha, r.baseline_beta, r.baseline_lr),
+        table.add([r.source, r.target, r.method, ", ".join(_hparam_parts(r.setting, True)),
+                   _setting_text(r.baseline_method, r.baseline_setting),
                    str(int(r.n)), f"{r.delta:+.2f}", "n/a" if math.isnan(r.sd) else f"{r.sd:.2f}", ci])
     return _render(table, fmt)
 
@@ -916,15 +950,15 @@ def _hparam_tick(x: float) -> str:
 
 def fig1(
     runs: pd.DataFrame,
-    penalty: str = "l2_sp",
+    method: str = "l2_sp",
     source: str | None = None,
     target: str | None = None,
     *,
     x: str = "beta",
 ):
-    """Fig. 1: target test accuracy (%) over the α × β grid of one penalty.
+    """Fig. 1: target test accuracy (%) over the α × β grid of one method.
 
-    Over the test runs with ``freeze == 0`` of ``penalty`` on one (source, target) that has
+    Over the test runs with ``freeze == 0`` of ``method`` on one (source, target) that has
     several alpha and several beta values (the first such pair in report order unless
     ``source`` / ``target`` say which). As in the paper's figure, x = β on a categorical axis
     (0, 10⁻⁴, …) and one line per α (``x="alpha"`` swaps the two); a point is the mean over
@@ -942,7 +976,7 @@ def fig1(
     symbol = {"alpha": "α", "beta": "β"}
     _check_runs(runs, _required("test_accuracy"), "fig1")
     test = _test_runs(_slim(runs, "test_accuracy"), "fig1")
-    sel = test[test["penalty"] == penalty]
+    sel = test[test["method"] == method]
     if source is not None:
         sel = sel[sel["source"] == source]
     if target is not None:
@@ -955,7 +989,7 @@ def fig1(
     if not grids:
         where = "".join(f", {k} = {v!r}" for k, v in (("source", source), ("target", target)) if v is not None)
         raise InsufficientDataError(
-            f"fig1: no (source, target) has test runs (freeze == 0) of penalty {penalty!r} with several "
+            f"fig1: no (source, target) has test runs (freeze == 0) of method {method!r} with several "
             f"alpha and several beta values{where}"
         )
     if len(grids) > 1:
@@ -980,7 +1014,7 @@ def fig1(
             sns.pointplot(data=sub, x="_x", y="accuracy", hue="_hue", order=[_hparam_tick(v) for v in xs],
                           hue_order=hue_order, palette=palette, errorbar="sd" if several else None,
                           capsize=0.08, markersize=5, linewidth=1.4, legend=False, ax=ax)
-            title = f"{penalty}: {source} → {target}"
+            title = f"{method}: {source} → {target}"
             ax.set_title(title if len(lrs) == 1 else f"{title}, lr = {_fmt_hparam(lr)}")
             ax.set_xlabel(symbol[x])
             ax.set_ylabel("test accuracy (%)" if ax is axes[0] else "")
@@ -990,10 +1024,10 @@ def fig1(
 
 
 def fig2(runs: pd.DataFrame):
-    """Fig. 2: target test accuracy (%) per target, one colour per penalty setting.
+    """Fig. 2: target test accuracy (%) per target, one colour per method setting.
 
     One facet per source; x = target, hue = setting (the reported settings of Table 2,
-    labelled as there, in :data:`PENALTY_ORDER`; legend title "penalty"); a point with error
+    labelled as there, in :data:`METHOD_ORDER`; legend title "method"); a point with error
     bar = mean ± sample std (ddof = 1) over replicates, small dots = the individual
     replicates. Test runs with ``freeze == 0`` only. Returns a
     :class:`matplotlib.figure.Figure` not managed by pyplot (no GUI backend, nothing global
@@ -1008,8 +1042,7 @@ def fig2(runs: pd.DataFrame):
     sel = _reported(_test_runs(runs, "fig2"), _selected_or_none(runs), "fig2")
     labels = setting_labels(sel)
     data = sel[GROUP].copy()
-    settings = sel[SETTING].itertuples(index=False)
-    data["setting"] = [labels[(p, float(a), float(b), float(lr))] for p, a, b, lr in settings]
+    data["setting"] = [labels[(m, text)] for m, text in sel[SETTING].itertuples(index=False)]
     data["accuracy"] = sel["test_accuracy"].astype(float) * 100.0
     sources = sorted(data["source"].unique(), key=_natural_key)
     targets = sorted(data["target"].unique(), key=_natural_key)
@@ -1034,32 +1067,29 @@ def fig2(runs: pd.DataFrame):
             ax.set_xlabel("target")
             ax.set_ylabel("test accuracy (%)" if ax is axes[0] else "")
         handles = [Line2D([], [], color=palette[h], marker="o", linestyle="none", label=h) for h in hue_order]
-        fig.legend(handles=handles, title="penalty", loc="outside right upper", frameon=False)
+        fig.legend(handles=handles, title="method", loc="outside right upper", frameon=False)
     return fig
 
 
 def _fig3_setting(
-    frozen: pd.DataFrame, chosen: Mapping, source: str, target: str, penalty: str
-) -> tuple[str, float, float, float]:
+    frozen: pd.DataFrame, chosen: Mapping, source: str, target: str, method: str
+) -> tuple[str, str]:
     """The setting Fig. 3 draws: the selected one if it was run frozen, else the frozen runs'
-    setting (with several, the one with most runs; ties: smallest alpha, beta, lr)."""
-    setting = chosen.get((source, target, penalty))
+    setting (with several, the one with most runs; ties: the first in report order)."""
+    setting = chosen.get((source, target, method))
     if setting is not None and _is_setting(frozen, setting).any():
         return setting
-    counts = frozen.groupby(SETTING, dropna=False)["test_accuracy"].count().reset_index()
-    counts = counts.assign(_n=-counts["test_accuracy"]).sort_values(["_n", "alpha", "beta", "lr"], kind="stable")
-    best = counts.iloc[0]
-    if len(counts) > 1:
+    if frozen["setting"].nunique() > 1:
         logger.info("fig3: %s -> %s, %s has several frozen settings; drawing the one with most runs",
-                    source, target, penalty)
-    return (penalty, float(best["alpha"]), float(best["beta"]), float(best["lr"]))
+                    source, target, method)
+    return _most_run_setting(frozen)
 
 
-def fig3(runs: pd.DataFrame, penalties: Sequence[str] = ("l2", "l2_sp")):
-    """Fig. 3: target test accuracy (%) against the freeze depth, one line per penalty.
+def fig3(runs: pd.DataFrame, methods: Sequence[str] = ("l2", "l2_sp")):
+    """Fig. 3: target test accuracy (%) against the freeze depth, one line per method.
 
-    Test runs with ``freeze > 0`` of ``penalties``; one facet per (source, target) that has
-    some. Per penalty one setting: the one selected on validation folds when it was run frozen,
+    Test runs with ``freeze > 0`` of ``methods``; one facet per (source, target) that has
+    some. Per method one setting: the one selected on validation folds when it was run frozen,
     else the setting of the frozen runs (with several, the one with most runs). A point with
     error bar = mean ± sample std over replicates at that depth; the dashed horizontal line in
     the same colour = the mean of the same setting with nothing frozen (``freeze == 0``), as
@@ -1071,13 +1101,13 @@ def fig3(runs: pd.DataFrame, penalties: Sequence[str] = ("l2", "l2_sp")):
     _check_runs(runs, _required("test_accuracy"), "fig3")
     runs = _slim(runs, "test_accuracy")
     test = _test_runs(runs, "fig3", unfrozen=False)
-    penalties = list(penalties)
-    frozen = test[(test["freeze"] > 0) & test["penalty"].isin(penalties)]
+    methods = list(methods)
+    frozen = test[(test["freeze"] > 0) & test["method"].isin(methods)]
     if frozen.empty:
-        raise InsufficientDataError(f"fig3: no test runs with freeze > 0 for the penalties {penalties}")
+        raise InsufficientDataError(f"fig3: no test runs with freeze > 0 for the methods {methods}")
     chosen = _selected_or_none(runs)
     pairs = _pairs(frozen)
-    palette = _palette(penalties)
+    palette = _palette(methods)
     with _figure_context():
         fig = Figure(figsize=(3.6 * len(pairs) + 1.6, 3.4), layout="constrained")
         axes = fig.subplots(1, len(pairs), sharey=False, squeeze=False)[0]
@@ -1085,30 +1115,30 @@ def fig3(runs: pd.DataFrame, penalties: Sequence[str] = ("l2", "l2_sp")):
             here = test[(test["source"] == source) & (test["target"] == target)]
             depths = sorted(int(d) for d in frozen.loc[(frozen["source"] == source)
                                                        & (frozen["target"] == target), "freeze"].unique())
-            for penalty in penalties:
+            for method in methods:
                 fr = frozen[(frozen["source"] == source) & (frozen["target"] == target)
-                            & (frozen["penalty"] == penalty)]
+                            & (frozen["method"] == method)]
                 if fr.empty:
                     continue
-                setting = _fig3_setting(fr, chosen, source, target, penalty)
+                setting = _fig3_setting(fr, chosen, source, target, method)
                 runs_s = here[_is_setting(here, setting)]
                 acc = runs_s.assign(acc=runs_s["test_accuracy"].astype(float) * 100.0)
                 stats = acc[acc["freeze"] > 0].groupby("freeze")["acc"].agg(["mean", "std", "count"])
                 ax.errorbar(stats.index.to_numpy(dtype=float), stats["mean"].to_numpy(),
                             yerr=stats["std"].fillna(0.0).to_numpy() if (stats["count"] > 1).any() else None,
-                            color=palette[penalty], marker="o", markersize=4.5, linewidth=1.4, capsize=3,
-                            label=penalty)
+                            color=palette[method], marker="o", markersize=4.5, linewidth=1.4, capsize=3,
+                            label=method)
                 level = acc.loc[acc["freeze"] == 0, "acc"]
                 if level.notna().any():
-                    ax.axhline(float(level.mean()), color=palette[penalty], linestyle="--", linewidth=1.2)
+                    ax.axhline(float(level.mean()), color=palette[method], linestyle="--", linewidth=1.2)
             ax.set_xticks(depths)
             ax.set_title(f"{source} → {target}")
             ax.set_xlabel("frozen up to layer (freeze depth)")
             ax.set_ylabel("test accuracy (%)" if ax is axes[0] else "")
-        present = [p for p in penalties if (frozen["penalty"] == p).any()]
-        handles = [Line2D([], [], color=palette[p], marker="o", label=p) for p in present]
+        present = [m for m in methods if (frozen["method"] == m).any()]
+        handles = [Line2D([], [], color=palette[m], marker="o", label=m) for m in present]
         handles.append(Line2D([], [], color="0.35", linestyle="--", label="no freezing"))
-        fig.legend(handles=handles, title="penalty", loc="outside right upper", frameon=False)
+        fig.legend(handles=handles, title="method", loc="outside right upper", frameon=False)
     return fig
 
 
@@ -1117,8 +1147,8 @@ def fig4(r2: pd.DataFrame):
     pretrained activation, on target images).
 
     From :data:`~spbench.results.R2_SCHEMA` rows; one facet per (source, target); x = layer
-    (``layer_index``, forward order), hue = penalty (labelled with α and β when a penalty comes
-    with several), one box per (layer, penalty) over all its units and replicates. The y axis
+    (``layer_index``, forward order), hue = method (labelled with its setting when a method comes
+    with several), one box per (layer, method setting) over all its units and replicates. The y axis
     spans [min(0, smallest R²), 1], plus a margin of 0.02 at both ends. Returns a
     :class:`matplotlib.figure.Figure` not managed by pyplot.
     """
@@ -1127,14 +1157,12 @@ def fig4(r2: pd.DataFrame):
     import seaborn as sns
 
     _check_runs(r2, _R2_COLUMNS, "fig4")
-    dup = r2.duplicated(["source", "target", "penalty", "alpha", "beta", "replicate", "layer", "unit"], keep=False)
+    dup = r2.duplicated(["source", "target", "method", "setting", "replicate", "layer", "unit"], keep=False)
     if dup.any():
         raise ValueError("fig4: several R² rows share one (source, target, setting, replicate, layer, unit)")
     data = r2.copy()
-    data["lr"] = 0.0  # R² rows carry no learning rate: label settings by (penalty, alpha, beta)
     labels = setting_labels(data)
-    data["setting"] = [labels[(p, float(a), float(b), 0.0)] for p, a, b in data[["penalty", "alpha", "beta"]]
-                       .itertuples(index=False)]
+    data["label"] = [labels[(m, text)] for m, text in data[SETTING].itertuples(index=False)]
     hue_order = list(labels.values())
     palette = _palette(hue_order)
     pairs = _pairs(data)
@@ -1150,14 +1178,14 @@ def fig4(r2: pd.DataFrame):
             with warnings.catch_warnings():
                 # seaborn 0.13 still passes matplotlib's deprecated `vert` to bxp
                 warnings.filterwarnings("ignore", message=r".*vert: bool.*")
-                sns.boxplot(data=sub, x="layer_index", y="r2", hue="setting", order=order, hue_order=hue_order,
+                sns.boxplot(data=sub, x="layer_index", y="r2", hue="label", order=order, hue_order=hue_order,
                             palette=palette, fliersize=1.5, linewidth=0.8, legend=False, ax=ax)
             ax.set_ylim(low - 0.02, 1.02)  # a margin, so that boxes at 0 or 1 are not cut by the frame
             ax.set_title(f"{source} → {target}")
             ax.set_xlabel("layer (forward order)")
             ax.set_ylabel("R² (fine-tuned on pretrained)")
         handles = [Patch(facecolor=palette[h], edgecolor="0.3", label=h) for h in hue_order]
-        fig.legend(handles=handles, title="penalty", loc="outside right upper", frameon=False)
+        fig.legend(handles=handles, title="method", loc="outside right upper", frameon=False)
     return fig
 
 
@@ -1173,9 +1201,9 @@ def write_reports(
     *,
     r2: pd.DataFrame | None = None,
     overhead: pd.DataFrame | None = None,
-    fig1_penalty: str = "l2_sp",
+    fig1_method: str = "l2_sp",
     fig1_target: str | None = None,
-    fig3_penalties: Sequence[str] = ("l2", "l2_sp"),
+    fig3_methods: Sequence[str] = ("l2", "l2_sp"),
 ) -> list[Path]:
     """Write every table and figure the data support into ``out_dir``; return the paths written.
 
@@ -1183,8 +1211,8 @@ def write_reports(
     frame at full precision): ``table2`` (with the paired Δ to l2), ``table3``, ``selection``
     (needs validation runs), ``paired`` (needs l2 test runs), ``overhead`` (needs
     ``overhead``). Figures (``.png`` at 150 dpi and ``.pdf``): ``fig1`` (needs an α × β grid
-    of ``fig1_penalty``, on ``fig1_target`` if given), ``fig2``, ``fig3`` (needs runs of
-    ``fig3_penalties`` with freeze > 0), ``fig4`` (needs ``r2``).
+    of ``fig1_method``, on ``fig1_target`` if given), ``fig2``, ``fig3`` (needs runs of
+    ``fig3_methods`` with freeze > 0), ``fig4`` (needs ``r2``).
     An output the data cannot support (:class:`InsufficientDataError`) is skipped with a log
     message; any other error stops before anything is written, as does having nothing to write.
     """
@@ -1219,9 +1247,9 @@ def write_reports(
     else:
         logger.info("skipping overhead: no overhead table given")
     for name, build in [
-        ("fig1", lambda: fig1(runs, fig1_penalty, target=fig1_target)),
+        ("fig1", lambda: fig1(runs, fig1_method, target=fig1_target)),
         ("fig2", lambda: fig2(runs)),
-        ("fig3", lambda: fig3(runs, fig3_penalties)),
+        ("fig3", lambda: fig3(runs, fig3_methods)),
     ]:
         figure = attempt(name, build)
         if figure is not None:
@@ -1273,7 +1301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: regenerate every table and figure from stored results, without training.
 
     ``python -m spbench.reports RUNS_PARQUET OUT_DIR [--r2 R2_PARQUET] [--overhead OVERHEAD_PARQUET]
-    [--fig1-penalty NAME] [--fig1-target NAME] [--fig3-penalties NAME,NAME]``; prints the paths written, one a line.
+    [--fig1-method NAME] [--fig1-target NAME] [--fig3-methods NAME,NAME]``; prints the paths written, one a line.
     """
     parser = argparse.ArgumentParser(
         prog="python -m spbench.reports",
@@ -1283,12 +1311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the tables and figures")
     parser.add_argument("--r2", metavar="R2_PARQUET", help="per-unit R² table for Fig. 4")
     parser.add_argument("--overhead", metavar="OVERHEAD_PARQUET", help="step-cost table for the overhead table")
-    parser.add_argument("--fig1-penalty", default="l2_sp", metavar="NAME",
-                        help="penalty whose α × β grid Fig. 1 draws (default: %(default)s)")
+    parser.add_argument("--fig1-method", default="l2_sp", metavar="NAME",
+                        help="method whose α × β grid Fig. 1 draws (default: %(default)s)")
     parser.add_argument("--fig1-target", default=None, metavar="NAME",
                         help="target whose grid Fig. 1 draws (default: the first that has one)")
-    parser.add_argument("--fig3-penalties", default="l2,l2_sp", metavar="NAME,NAME",
-                        help="comma-separated penalties Fig. 3 draws (default: %(default)s)")
+    parser.add_argument("--fig3-methods", default="l2,l2_sp", metavar="NAME,NAME",
+                        help="comma-separated methods Fig. 3 draws (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # matplotlib notes at INFO that categorical ticks such as "0" or "1" look like numbers
@@ -1296,9 +1324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = read_parquet(args.runs)
     r2 = _read_typed(args.r2, R2_SCHEMA, "R²") if args.r2 else None
     overhead = _read_typed(args.overhead, OVERHEAD_SCHEMA, "overhead") if args.overhead else None
-    fig3_penalties = [p.strip() for p in args.fig3_penalties.split(",") if p.strip()]
-    paths = write_reports(runs, args.out_dir, r2=r2, overhead=overhead, fig1_penalty=args.fig1_penalty,
-                          fig1_target=args.fig1_target, fig3_penalties=fig3_penalties)
+    fig3_methods = [p.strip() for p in args.fig3_methods.split(",") if p.strip()]
+    paths = write_reports(runs, args.out_dir, r2=r2, overhead=overhead, fig1_method=args.fig1_method,
+                          fig1_target=args.fig1_target, fig3_methods=fig3_methods)
     for path in paths:
         print(path)
     return 0

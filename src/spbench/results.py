@@ -17,6 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import RunSpec
+
 __all__ = [
     "SCHEMA",
     "IDENTITY",
@@ -41,15 +43,18 @@ SCHEMA = pa.schema(
         ("experiment", pa.string()),  # main | select | alpha_beta | freeze (spbench.config.EXPERIMENTS)
         ("source", pa.string()),
         ("target", pa.string()),
-        ("penalty", pa.string()),
-        ("alpha", pa.float64()),
-        ("beta", pa.float64()),
+        ("method", pa.string()),  # spbench.methods.METHODS (the seven penalties among them)
+        ("setting", pa.string()),  # canonical text of its hyper-parameters and lr (spbench.config.format_setting)
         ("freeze", pa.int64()),
         ("evaluation", pa.string()),  # "test": train on the training set, score on the test set;
         # "val{f}": train on the training set less fold f, score on fold f (model selection)
         ("replicate", pa.int64()),
         ("seed", pa.int64()),
-        # how the penalty and training were set up
+        # the method's hyper-parameters: all as JSON, the common ones typed (NaN where the method has none)
+        ("hparams_json", pa.string()),
+        ("alpha", pa.float64()),
+        ("beta", pa.float64()),
+        # how the method and training were set up
         ("arch", pa.string()),
         ("sp_scope", pa.string()),
         ("penalty_variant", pa.string()),  # smooth | prox for l1_sp, gl_sp, gl_sp_fisher; "" otherwise
@@ -65,6 +70,8 @@ SCHEMA = pa.schema(
         ("num_classes", pa.int64()),
         ("n_inherited_tensors", pa.int64()),
         ("n_head_tensors", pa.int64()),
+        ("n_method_parameters", pa.int64()),  # trainable parameters of the method's own (e.g. LwF's source head)
+        ("retention_head", pa.string()),  # Table 3's head: "original" source head, or the method's trained copy
         # outcomes
         ("test_accuracy", pa.float64()),  # accuracy on the evaluation split: the test set, or fold f for val{f}
         ("final_train_loss", pa.float64()),
@@ -82,8 +89,9 @@ SCHEMA = pa.schema(
     ]
 )
 
-#: The columns that identify a run; no two rows of a valid table share them.
-IDENTITY = ["experiment", "source", "target", "penalty", "alpha", "beta", "lr", "freeze", "evaluation", "replicate"]
+#: The columns that identify a run (the fields of its path, :attr:`spbench.config.RunSpec.PATTERN`);
+#: no two rows of a valid table share them.
+IDENTITY = list(RunSpec.WILDCARDS)
 
 #: Fig. 4's table (results/activations.parquet): one row per unit (output channel) of each
 #: layer, the R² of its fine-tuned activation regressed on its pretrained activation.
@@ -91,9 +99,8 @@ R2_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
         ("target", pa.string()),
-        ("penalty", pa.string()),
-        ("alpha", pa.float64()),
-        ("beta", pa.float64()),
+        ("method", pa.string()),
+        ("setting", pa.string()),
         ("replicate", pa.int64()),
         ("layer", pa.string()),  # module name, e.g. backbone.stage2.conv1
         ("layer_index", pa.int64()),  # position in forward order, from 1

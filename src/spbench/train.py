@@ -1,7 +1,10 @@
-"""Training: pretraining a source network, fine-tuning with a penalty, evaluation.
+"""Training: pretraining a source network, fine-tuning with a method, evaluation.
 
-The gradient pipeline of one step is: forward → loss → backward → ``penalty.add_grad_()``
-(∇Ω added in place) → optimizer step; one optimizer step per iteration.
+One step (:func:`training_step`) runs the method's hooks in a fixed order: forward with the
+method's taps (and the frozen teacher's no-grad forward when the method needs it) →
+cross-entropy + the method's loss term → backward → unscale (with a gradient scaler) →
+``method.add_grad_()`` (a penalty's gradient, added in place) → clip (optional) → optimizer
+step → ``method.prox_(lr)``; one optimizer step per iteration.
 
 Preemption: :class:`StopOnSignal` turns SIGTERM into a flag that :func:`train_steps` checks
 after each step; it then hands its state (:func:`train_state`) to a ``save_checkpoint``
@@ -23,8 +26,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .methods import Forward, Method, MethodContext, SetupData, make_method, record_outputs
 from .models import Classifier, build_model, split_parameters
-from .penalties import L2, Penalty
 
 __all__ = [
     "lr_at",
@@ -33,6 +36,7 @@ __all__ = [
     "evaluate",
     "module_modes",
     "restore_modes",
+    "training_step",
     "train_steps",
     "TrainHistory",
     "Preempted",
@@ -169,9 +173,57 @@ class StopOnSignal:
         self._previous.clear()
 
 
+def training_step(
+    model: Classifier,
+    method: Method,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr: float,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+    scaler=None,
+    clip_grad_norm: float | None = None,
+) -> Tensor:
+    """One optimizer step on J(w) + the method's terms, in the order of the module docstring.
+
+    ``scaler``: a :class:`torch.amp.GradScaler` (mixed precision) or None; ``clip_grad_norm``:
+    the largest total gradient norm (None: no clipping), applied after the method's gradient
+    term, over the parameters the optimizer steps. Returns the cross-entropy (detached).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    with record_outputs(model, method.taps) as taps:
+        features = model.backbone(x)
+        logits = model.head(features)
+    out = Forward(x, y, features, logits, taps=taps)
+    if method.needs.teacher:
+        out.teacher_logits, out.teacher_taps = method.teacher_forward(x)
+    loss = loss_fn(logits, y)
+    extra = method.loss(out)
+    total = loss if extra is None else loss + extra
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    method.add_grad_()
+    if clip_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    method.prox_(lr)  # proximal variants only: forward-backward splitting
+    return loss.detach()
+
+
 def train_steps(
     model: Classifier,
-    penalty: Penalty,
+    method: Method,
     x: Tensor,
     y: Tensor,
     *,
@@ -190,27 +242,35 @@ def train_steps(
     save_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: int = 0,
     stop: Callable[[], bool] | None = None,
+    setup_x: Any = None,
 ) -> TrainHistory:
-    """SGD with momentum on J(w) + Ω(w); Ω enters through ``penalty.add_grad_()`` (and, for
-    the proximal variants, ``penalty.prox_(lr)`` after each step).
+    """SGD with momentum on J(w) plus the method's terms (:func:`training_step`), over the
+    model's trainable parameters and the method's own (:meth:`Method.extra_parameters`).
 
+    Before step 0 (not on resume, whose checkpoint holds the method's state) the method's
+    set-up pass runs on ``setup_x`` (default ``x``; an augmenting view should pass its central
+    crops), ``y`` when it declares one.
     ``generator`` must be in the state it had when the run began (it draws the batch order).
     ``resume``: a state from ``save_checkpoint`` (weights, momentum, history, RNG states);
     training continues at its step. ``save_checkpoint(state)`` is
     called every ``checkpoint_every`` steps (0: never) and when ``stop()`` turns true, after
     which :class:`Preempted` is raised.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + method.extra_parameters()
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    loss_fn = nn.CrossEntropyLoss()
     history = TrainHistory()
     first = 0
     if resume is not None:
         first = int(resume["step"])
         model.load_state_dict(resume["model"])
+        method.load_state_dict(resume["method"])
         opt.load_state_dict(resume["optimizer"])
         history = TrainHistory(**resume["history"])
+    elif method.needs.setup:
+        device = next(model.parameters()).device
+        method.setup(SetupData(x if setup_x is None else setup_x, y, batch_size=max(batch_size, 64), device=device))
     set_train_mode(model, freeze, bn_mode)
+    method.train()
     start = time.perf_counter() - history.seconds
     for step, idx in enumerate(batch_indices(len(x), batch_size, steps, generator)):
         if step < first:  # replay the batch order up to the checkpoint
@@ -221,15 +281,7 @@ def train_steps(
                 torch.set_rng_state(resume["torch_rng"])
             continue
         rate = lr_at(step, steps, lr, schedule, milestones)
-        for group in opt.param_groups:
-            group["lr"] = rate
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
-        loss.backward()
-        penalty.add_grad_()
-        opt.step()
-        penalty.prox_(rate)  # proximal variants only: forward-backward splitting
-        value = loss.item()
+        value = training_step(model, method, x[idx], y[idx], opt, lr=rate).item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss is {value} at step {step} (learning rate or α too large?)")
         history.loss.append(value)
@@ -244,7 +296,7 @@ def train_steps(
         stopping = stop is not None and stop()
         if stopping or (checkpoint_every and (step + 1) % checkpoint_every == 0):
             history.seconds = time.perf_counter() - start
-            save_checkpoint(train_state(step + 1, model, opt, history, generator))
+            save_checkpoint(train_state(step + 1, model, method, opt, history, generator))
             if stopping:
                 log.warning("stopped at step %d/%d on request; checkpoint saved", step + 1, steps)
                 raise Preempted(f"training stopped at step {step + 1} of {steps}; rerun to resume")
@@ -252,12 +304,15 @@ def train_steps(
     return history
 
 
-def train_state(step: int, model: nn.Module, opt: torch.optim.Optimizer, history: TrainHistory, generator: torch.Generator) -> dict[str, Any]:
+def train_state(step: int, model: nn.Module, method: Method, opt: torch.optim.Optimizer, history: TrainHistory,
+                generator: torch.Generator) -> dict[str, Any]:
     """What :func:`train_steps` needs to continue after ``step`` steps: weights (with batch-norm
-    statistics), optimizer state (momentum), history, batch generator and global RNG states."""
+    statistics), the method's state (reference weights, its own parameters), optimizer state
+    (momentum), history, batch generator and global RNG states."""
     return {
         "step": step,
         "model": model.state_dict(),
+        "method": method.state_dict(),
         "optimizer": opt.state_dict(),
         "history": {"loss": list(history.loss), "lr": list(history.lr), "seconds": history.seconds, "images": history.images},
         "generator": generator.get_state(),
@@ -282,7 +337,7 @@ def pretrain(
     set_determinism(seed)
     model = build_model(arch, num_classes, x.shape[1])
     inherited, head = split_parameters(model)
-    decay = L2(inherited, head, alpha=weight_decay, beta=weight_decay)
+    decay = make_method("l2", MethodContext(model, inherited, head), alpha=weight_decay, beta=weight_decay)
     steps = epochs * math.ceil(len(x) / min(batch_size, len(x)))
     gen = torch.Generator().manual_seed(seed)
     history = train_steps(model, decay, x, y, steps=steps, batch_size=batch_size, lr=lr, generator=gen)

@@ -1,0 +1,44 @@
+"""Fine-tuning methods: one interface (:class:`Method`), one registry (:data:`METHODS`).
+
+Families, one module each: :mod:`.penalties` (the paper's seven parameter penalties),
+:mod:`.distill` (LwF and Co-Tuning: a trainable copy of the source head kept close to the
+source network's outputs), :mod:`.features` (DELTA and BSS: terms on the backbone's features).
+Other packages add methods through the ``spbench.methods`` entry-point group.
+"""
+
+from .base import (
+    ENTRY_POINT_GROUP,
+    METHODS,
+    Forward,
+    HParam,
+    Method,
+    MethodContext,
+    Needs,
+    SetupData,
+    frozen_copy,
+    load_plugins,
+    make_method,
+    method_class,
+    record_outputs,
+    register,
+)
+from . import penalties as _penalties  # noqa: F401  (registers the seven penalties)
+from . import distill as _distill  # noqa: F401
+from . import features as _features  # noqa: F401
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "METHODS",
+    "Forward",
+    "HParam",
+    "Method",
+    "MethodContext",
+    "Needs",
+    "SetupData",
+    "frozen_copy",
+    "load_plugins",
+    "make_method",
+    "method_class",
+    "record_outputs",
+    "register",
+]

@@ -1,0 +1,173 @@
+"""Methods whose term acts on the backbone's features rather than on its parameters:
+DELTA (feature maps kept close to the source network's, weighted by channel attention) and
+BSS (the smallest singular values of the batch's feature matrix shrunk) (SPEC §7)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import penalties as _penalties
+from .base import Forward, HParam, Method, MethodContext, Needs, SetupData, record_outputs, register
+from .penalties import BETA
+
+__all__ = ["BSS", "DELTA", "channel_attention"]
+
+
+@register
+class BSS(Method):
+    """Batch Spectral Shrinkage (Chen et al., NeurIPS 2019):
+
+        CE(y, h(g(x))) + η Σ_{i=1..k} σ_{−i}²
+
+    where σ_{−1} ≤ σ_{−2} ≤ … are the smallest singular values of the batch's feature matrix
+    g(x) ∈ R^{B×D} (the pooled backbone output that the head reads). Differentiated by
+    autograd through the singular values (computed in float32 at least). The paper's
+    defaults: k = 1, η = 0.001. Tensors touched: the backbone (through the features).
+    """
+
+    name = "bss"
+    hparams = (
+        HParam("eta", float, 0.001, doc="weight η of the spectral term"),
+        HParam("k", int, 1, low=1, high=1_000_000, doc="how many of the smallest singular values"),
+    )
+
+    def loss(self, out: Forward) -> Tensor:
+        features = out.features.float() if out.features.dtype in (torch.float16, torch.bfloat16) else out.features
+        sigma = torch.linalg.svdvals(features)  # descending
+        k = min(self.settings["k"], len(sigma))
+        return self.settings["eta"] * sigma[-k:].pow(2).sum()
+
+
+@torch.no_grad()
+def _features(backbone: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([backbone(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _fit_probe(features: Tensor, y: Tensor, num_classes: int, *, iterations: int = 100, weight_decay: float = 1e-4) -> nn.Linear:
+    """A linear classifier on fixed features: multinomial logistic regression with a small
+    L2 term, full batch, solved by L-BFGS from zero (deterministic)."""
+    probe = nn.Linear(features.shape[1], num_classes).to(features)
+    nn.init.zeros_(probe.weight)
+    nn.init.zeros_(probe.bias)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(probe(features), y) + 0.5 * weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return probe.requires_grad_(False)
+
+
+#: DELTA's attention: images scored (its code: the first 4 training batches of 64) and the
+#: softmax temperature over the standardised loss increases (its code: 5).
+ATTENTION_IMAGES = 256
+ATTENTION_TEMPERATURE = 5.0
+
+
+@torch.no_grad()
+def channel_attention(network: nn.Module, layers: list[str], data: SetupData, num_classes: int) -> list[Tensor]:
+    """DELTA's channel attention W_j for each named convolution j of ``network`` (a classifier
+    with a ``backbone``, scored in eval mode), on the first :data:`ATTENTION_IMAGES` training
+    images x with labels y:
+
+    1. a linear probe p is fitted on the frozen features g0(x) (:func:`_fit_probe`; DELTA's
+       code trains the head for 10 epochs of SGD instead: a converged probe needs no schedule);
+    2. Δ_jc = CE(p(g0(x) with output channel c of convolution j set to 0), y) − CE(p(g0(x)), y)
+       for every channel c (mean over the images);
+    3. W_j = softmax_c(z_jc / 5), z_j the standardised Δ_j ((Δ − mean) / std over the layer's
+       channels; z = 0 when all Δ are equal), as in DELTA's code. Each W_j sums to 1.
+    """
+    modes = {m: m.training for m in network.modules()}
+    network.eval()
+    try:
+        batches = list(data.batches())
+        x = torch.cat([xb for xb, _ in batches])[:ATTENTION_IMAGES]
+        y = torch.cat([yb for _, yb in batches])[:ATTENTION_IMAGES]
+        bs = data.batch_size
+        probe = _fit_probe(_features(network.backbone, x, bs), y, num_classes)
+        base = nn.functional.cross_entropy(probe(_features(network.backbone, x, bs)), y)
+        weights = []
+        for name in layers:
+            conv = network.get_submodule(name)
+            deltas = []
+            for c in range(conv.out_channels):
+                def zero_channel(module, inputs, output, c=c):
+                    output = output.clone()
+                    output[:, c] = 0
+                    return output
+
+                handle = conv.register_forward_hook(zero_channel)
+                try:
+                    deltas.append(nn.functional.cross_entropy(probe(_features(network.backbone, x, bs)), y) - base)
+                finally:
+                    handle.remove()
+            d = torch.stack(deltas).double()
+            sd = d.std()
+            z = (d - d.mean()) / sd if sd > 0 else torch.zeros_like(d)
+            weights.append(torch.softmax(z / ATTENTION_TEMPERATURE, dim=0).float())
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return weights
+
+
+@register
+class DELTA(Method):
+    """DELTA, deep learning transfer with feature-map attention (Li et al., ICLR 2019):
+
+        CE + α · Σ_i Σ_j ½ Σ_c C_j · W_jc · ‖FM_jc(w, x_i) − FM_jc(w0, x_i)‖² / (H_j W_j) + β/2 ‖w_S̄‖²
+
+    FM_j: the output of the last convolution of each backbone stage (before its batch norm and
+    the residual addition; :meth:`Classifier.feature_layers`, e.g. ``layer4.2.conv3``), of the
+    fine-tuned network (w) and of the frozen source network (w0, one no-grad forward per
+    step); FM_jc its channel c, an H_j × W_j map; C_j its channel count. W_j:
+    :func:`channel_attention`, computed once before step 0 on the target's training images and
+    kept as buffers (uniform W gives every channel weight 1). As in the authors' code, the
+    term is summed over the batch (i), halved and divided by the map's size, so that the
+    paper's defaults keep their meaning: α = 0.01 (0.1 on Stanford Dogs), β = 0.01 (an L2 on
+    the new head only, added to its gradient in place). Tensors touched: the backbone (through
+    the feature maps), the head (β).
+    """
+
+    name = "delta"
+    hparams = (
+        HParam("alpha", float, 0.01, doc="weight α of the feature-map term"),
+        BETA,
+    )
+    needs = Needs(teacher=True, taps=True, setup=True)
+
+    def __init__(self, context: MethodContext, **hparams: Any):
+        super().__init__(context, **hparams)
+        self.taps = tuple(context.model.feature_layers())
+        self._num_classes = context.model.head.out_features
+        for j, name in enumerate(self.taps):
+            channels = context.model.get_submodule(name).out_channels
+            self.register_buffer(f"attention_{j}", torch.full((channels,), 1.0 / channels))
+        self.head_decay = _penalties.L2({}, context.head, alpha=0.0, beta=self.settings["beta"])
+
+    def attention(self) -> list[Tensor]:
+        return [getattr(self, f"attention_{j}") for j in range(len(self.taps))]
+
+    def setup(self, data: SetupData) -> None:
+        found = channel_attention(self.teacher, list(self.taps), data, self._num_classes)
+        for buffer, weights in zip(self.attention(), found):
+            buffer.copy_(weights)
+
+    def loss(self, out: Forward) -> Tensor:
+        total = out.features.new_zeros((), dtype=torch.float32)
+        for name, w in zip(self.taps, self.attention()):
+            diff = (out.taps[name] - out.teacher_taps[name]).float()
+            _, channels, h, width = diff.shape
+            per_channel = diff.pow(2).flatten(2).sum(dim=2)  # [B, C]: ‖FM_jc(w) − FM_jc(w0)‖²
+            total = total + 0.5 * channels * (per_channel * w).sum() / (h * width)
+        return self.settings["alpha"] * total
+
+    def add_grad_(self) -> None:
+        self.head_decay.add_grad_()
