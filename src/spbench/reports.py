@@ -588,19 +588,18 @@ def _md_escape(text: str) -> str:
     return str(text).replace("|", r"\|")
 
 
+def _frame(table: _Display, cell: Callable[[tuple[str, ...], str], str], head: Callable[[str], str]) -> pd.DataFrame:
+    """The table as a frame of finished text: ``cell(lines, align)`` per cell, ``head(h)`` per column."""
+    rows = [[cell(lines, align) for lines, align in zip(row, table.align)] for row in table.rows]
+    return pd.DataFrame(rows, columns=[head(h) for h in table.header], dtype=object)
+
+
 def _to_markdown(table: _Display) -> str:
-    header = [_md_escape(h) for h in table.header]
-    body = [[_md_escape("  ".join(cell)) for cell in row] for row in table.rows]
-    widths = [max(3, *(len(row[i]) for row in [header, *body])) for i in range(len(header))]
-
-    def fmt_row(cols: list[str]) -> str:
-        padded = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cols, widths, table.align)]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = ["-" * w if a == "l" else "-" * (w - 1) + ":" for w, a in zip(widths, table.align)]
-    lines = [f"**{table.title}** {table.caption}", "", fmt_row(header), "| " + " | ".join(rule) + " |",
-             *map(fmt_row, body)]
-    return "\n".join(lines) + "\n"
+    frame = _frame(table, lambda lines, _: _md_escape("  ".join(lines)), _md_escape)
+    colalign = ["right" if a == "r" else "left" for a in table.align]
+    # disable_numparse: a cell keeps the digits it was formatted with ("60.10", not 60.1)
+    body = frame.to_markdown(index=False, headers=list(frame.columns), colalign=colalign, disable_numparse=True)
+    return f"**{table.title}** {table.caption}\n\n{body}\n"
 
 
 _LATEX_SPECIAL = {
