@@ -594,6 +594,14 @@ def _frame(table: _Display, cell: Callable[[tuple[str, ...], str], str], head: C
     return pd.DataFrame(rows, columns=[head(h) for h in table.header], dtype=object)
 
 
+def _styler(frame: pd.DataFrame):
+    """A Styler that prints the frame's text as it is: escaped already, so never escaped again
+    (whatever the ``styler.format`` options say), and without the row labels."""
+    from pandas.io.formats.style import Styler  # needs jinja2, like DataFrame.style
+
+    return Styler(frame, cell_ids=False).format(str).format_index(str, axis="columns").hide(axis="index")
+
+
 def _to_markdown(table: _Display) -> str:
     frame = _frame(table, lambda lines, _: _md_escape("  ".join(lines)), _md_escape)
     colalign = ["right" if a == "r" else "left" for a in table.align]
@@ -625,21 +633,10 @@ def _to_latex(table: _Display) -> str:
         body = r"\\".join(("{}" if line.startswith("[") else "") + _tex(line) for line in lines)
         return rf"\begin{{tabular}}[t]{{@{{}}{align}@{{}}}}" + body + r"\end{tabular}"
 
-    lines = [
-        r"\begin{table}[htbp]",
-        r"\centering",
-        rf"\caption{{{_tex(table.caption)}}}",
-        rf"\label{{tab:{table.name}}}",
-        rf"\begin{{tabular}}{{{''.join(table.align)}}}",
-        r"\toprule",
-        " & ".join(_tex(h) for h in table.header) + r" \\",
-        r"\midrule",
-        *(" & ".join(cell(c, a) for c, a in zip(row, table.align)) + r" \\" for row in table.rows),
-        r"\bottomrule",
-        r"\end{tabular}",
-        r"\end{table}",
-    ]
-    return "\n".join(lines) + "\n"
+    return _styler(_frame(table, cell, _tex)).to_latex(
+        column_format="".join(table.align), position="htbp", position_float="centering", hrules=True,
+        label=f"tab:{table.name}", caption=_tex(table.caption),
+    )
 
 
 def _to_html(table: _Display) -> str:
