@@ -640,20 +640,14 @@ def _to_latex(table: _Display) -> str:
 
 
 def _to_html(table: _Display) -> str:
-    def attr(align: str) -> str:
-        return ' style="text-align:right"' if align == "r" else ' style="text-align:left"'
-
-    out = [f'<table class="spbench" id="{html.escape(table.name)}">',
-           f"<caption><b>{html.escape(table.title)}</b> {html.escape(table.caption)}</caption>",
-           "<thead>", "<tr>" + "".join(f"<th{attr(a)}>{html.escape(h)}</th>" for h, a in zip(table.header, table.align))
-           + "</tr>", "</thead>", "<tbody>"]
-    for row in table.rows:
-        cells = "".join(
-            f"<td{attr(a)}>" + "<br>".join(html.escape(line) for line in c) + "</td>" for c, a in zip(row, table.align)
-        )
-        out.append(f"<tr>{cells}</tr>")
-    out += ["</tbody>", "</table>"]
-    return "\n".join(out) + "\n"
+    frame = _frame(table, lambda lines, _: "<br>".join(html.escape(line) for line in lines), html.escape)
+    # one text-align per column, on the class pandas gives its header and data cells
+    align = [{"selector": f".col{i}", "props": [("text-align", "right" if a == "r" else "left")]}
+             for i, a in enumerate(table.align)]
+    return _styler(frame).set_table_styles(align).to_html(
+        table_uuid=table.name, table_attributes='class="spbench"',
+        caption=f"<b>{html.escape(table.title)}</b> {html.escape(table.caption)}",
+    )
 
 
 _RENDERERS: dict[str, Callable[[_Display], str]] = {"markdown": _to_markdown, "latex": _to_latex, "html": _to_html}
