@@ -539,7 +539,10 @@ def test_html_is_a_table_with_a_caption(runs):
     text = reports.render_table2(reports.table2(runs), "html")
     parser = _TableParser()
     parser.feed(text.replace("<br>", "<br/>"))
-    assert parser.tags[:2] == ["table", "caption"] and not parser._in
+    # pandas' Styler puts the column alignment in a <style> block just before the table
+    assert parser.tags[:3] == ["style", "table", "caption"] and not parser._in
+    assert re.search(r"#T_table2 \.col0 \{\s*text-align: left;", text)
+    assert re.search(r"#T_table2 \.col2 \{\s*text-align: right;", text)
     assert parser.caption.startswith("Table 2. Target test accuracy (%)")
     assert parser.rows[0] == ["source", "target", *PENALTIES]
     assert len(parser.rows) == 3 and all(len(r) == 2 + len(PENALTIES) for r in parser.rows)

@@ -622,19 +622,26 @@ def _md_escape(text: str) -> str:
     return str(text).replace("|", r"\|")
 
 
+def _frame(table: _Display, cell: Callable[[tuple[str, ...], str], str], head: Callable[[str], str]) -> pd.DataFrame:
+    """The table as a frame of finished text: ``cell(lines, align)`` per cell, ``head(h)`` per column."""
+    rows = [[cell(lines, align) for lines, align in zip(row, table.align)] for row in table.rows]
+    return pd.DataFrame(rows, columns=[head(h) for h in table.header], dtype=object)
+
+
+def _styler(frame: pd.DataFrame):
+    """A Styler that prints the frame's text as it is: escaped already, so never escaped again
+    (whatever the ``styler.format`` options say), and without the row labels."""
+    from pandas.io.formats.style import Styler  # needs jinja2, like DataFrame.style
+
+    return Styler(frame, cell_ids=False).format(str).format_index(str, axis="columns").hide(axis="index")
+
+
 def _to_markdown(table: _Display) -> str:
-    header = [_md_escape(h) for h in table.header]
-    body = [[_md_escape("  ".join(cell)) for cell in row] for row in table.rows]
-    widths = [max(3, *(len(row[i]) for row in [header, *body])) for i in range(len(header))]
-
-    def fmt_row(cols: list[str]) -> str:
-        padded = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cols, widths, table.align)]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = ["-" * w if a == "l" else "-" * (w - 1) + ":" for w, a in zip(widths, table.align)]
-    lines = [f"**{table.title}** {table.caption}", "", fmt_row(header), "| " + " | ".join(rule) + " |",
-             *map(fmt_row, body)]
-    return "\n".join(lines) + "\n"
+    frame = _frame(table, lambda lines, _: _md_escape("  ".join(lines)), _md_escape)
+    colalign = ["right" if a == "r" else "left" for a in table.align]
+    # disable_numparse: a cell keeps the digits it was formatted with ("60.10", not 60.1)
+    body = frame.to_markdown(index=False, headers=list(frame.columns), colalign=colalign, disable_numparse=True)
+    return f"**{table.title}** {table.caption}\n\n{body}\n"
 
 
 _LATEX_SPECIAL = {
@@ -660,38 +667,21 @@ def _to_latex(table: _Display) -> str:
         body = r"\\".join(("{}" if line.startswith("[") else "") + _tex(line) for line in lines)
         return rf"\begin{{tabular}}[t]{{@{{}}{align}@{{}}}}" + body + r"\end{tabular}"
 
-    lines = [
-        r"\begin{table}[htbp]",
-        r"\centering",
-        rf"\caption{{{_tex(table.caption)}}}",
-        rf"\label{{tab:{table.name}}}",
-        rf"\begin{{tabular}}{{{''.join(table.align)}}}",
-        r"\toprule",
-        " & ".join(_tex(h) for h in table.header) + r" \\",
-        r"\midrule",
-        *(" & ".join(cell(c, a) for c, a in zip(row, table.align)) + r" \\" for row in table.rows),
-        r"\bottomrule",
-        r"\end{tabular}",
-        r"\end{table}",
-    ]
-    return "\n".join(lines) + "\n"
+    return _styler(_frame(table, cell, _tex)).to_latex(
+        column_format="".join(table.align), position="htbp", position_float="centering", hrules=True,
+        label=f"tab:{table.name}", caption=_tex(table.caption),
+    )
 
 
 def _to_html(table: _Display) -> str:
-    def attr(align: str) -> str:
-        return ' style="text-align:right"' if align == "r" else ' style="text-align:left"'
-
-    out = [f'<table class="spbench" id="{html.escape(table.name)}">',
-           f"<caption><b>{html.escape(table.title)}</b> {html.escape(table.caption)}</caption>",
-           "<thead>", "<tr>" + "".join(f"<th{attr(a)}>{html.escape(h)}</th>" for h, a in zip(table.header, table.align))
-           + "</tr>", "</thead>", "<tbody>"]
-    for row in table.rows:
-        cells = "".join(
-            f"<td{attr(a)}>" + "<br>".join(html.escape(line) for line in c) + "</td>" for c, a in zip(row, table.align)
-        )
-        out.append(f"<tr>{cells}</tr>")
-    out += ["</tbody>", "</table>"]
-    return "\n".join(out) + "\n"
+    frame = _frame(table, lambda lines, _: "<br>".join(html.escape(line) for line in lines), html.escape)
+    # one text-align per column, on the class pandas gives its header and data cells
+    align = [{"selector": f".col{i}", "props": [("text-align", "right" if a == "r" else "left")]}
+             for i, a in enumerate(table.align)]
+    return _styler(frame).set_table_styles(align).to_html(
+        table_uuid=table.name, table_attributes='class="spbench"',
+        caption=f"<b>{html.escape(table.title)}</b> {html.escape(table.caption)}",
+    )
 
 
 _RENDERERS: dict[str, Callable[[_Display], str]] = {"markdown": _to_markdown, "latex": _to_latex, "html": _to_html}
