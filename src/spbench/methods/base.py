@@ -52,6 +52,9 @@ __all__ = [
     "load_plugins",
     "method_class",
     "make_method",
+    "full_precision",
+    "frozen_copy",
+    "record_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -249,6 +252,12 @@ class Method(nn.Module):
             "n_head_elements": sum(p.numel() for p in self._head),
             "n_method_parameters": sum(p.numel() for p in self.extra_parameters()),
         }
+
+
+def full_precision(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is a half-precision tensor (autocast outputs), else as it is
+    (float64 stays float64): losses and their reductions are not computed in 16 bits."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Forward, HParam, Method, MethodContext, Needs, SetupData, register
+from .base import Forward, HParam, Method, MethodContext, Needs, SetupData, full_precision, register
 
 __all__ = ["LwF", "CoTuning"]
 
@@ -58,8 +58,8 @@ class LwF(Method):
 
     def loss(self, out: Forward) -> Tensor:
         t = self.settings["temperature"]
-        target = torch.softmax(out.teacher_logits.float() / t, dim=1)
-        student = self.source_head(out.features).float() / t
+        target = torch.softmax(full_precision(out.teacher_logits) / t, dim=1)
+        student = full_precision(self.source_head(out.features)) / t
         return self.settings["lambda"] * soft_cross_entropy(target, student)
 
     def retention_head(self) -> nn.Module:
@@ -115,7 +115,7 @@ class CoTuning(Method):
 
     def loss(self, out: Forward) -> Tensor:
         target = self.relationship[out.y]
-        return self.settings["lambda"] * soft_cross_entropy(target, self.source_head(out.features).float())
+        return self.settings["lambda"] * soft_cross_entropy(target, full_precision(self.source_head(out.features)))
 
     def retention_head(self) -> nn.Module:
         return self.source_head

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import penalties as _penalties
-from .base import Forward, HParam, Method, MethodContext, Needs, SetupData, record_outputs, register
+from .base import Forward, HParam, Method, MethodContext, Needs, SetupData, full_precision, register
 from .penalties import BETA
 
 __all__ = ["BSS", "DELTA", "channel_attention"]
@@ -35,8 +35,7 @@ class BSS(Method):
     )
 
     def loss(self, out: Forward) -> Tensor:
-        features = out.features.float() if out.features.dtype in (torch.float16, torch.bfloat16) else out.features
-        sigma = torch.linalg.svdvals(features)  # descending
+        sigma = torch.linalg.svdvals(full_precision(out.features))  # descending
         k = min(self.settings["k"], len(sigma))
         return self.settings["eta"] * sigma[-k:].pow(2).sum()
 
@@ -111,7 +110,7 @@ def channel_attention(network: nn.Module, layers: list[str], data: SetupData, nu
             d = torch.stack(deltas).double()
             sd = d.std()
             z = (d - d.mean()) / sd if sd > 0 else torch.zeros_like(d)
-            weights.append(torch.softmax(z / ATTENTION_TEMPERATURE, dim=0).float())
+            weights.append(torch.softmax(z / ATTENTION_TEMPERATURE, dim=0).to(base.dtype))
     finally:
         for m, training in modes.items():
             m.training = training
@@ -161,9 +160,9 @@ class DELTA(Method):
             buffer.copy_(weights)
 
     def loss(self, out: Forward) -> Tensor:
-        total = out.features.new_zeros((), dtype=torch.float32)
+        total = full_precision(out.features).new_zeros(())
         for name, w in zip(self.taps, self.attention()):
-            diff = (out.taps[name] - out.teacher_taps[name]).float()
+            diff = full_precision(out.taps[name] - out.teacher_taps[name])
             _, channels, h, width = diff.shape
             per_channel = diff.pow(2).flatten(2).sum(dim=2)  # [B, C]: ‖FM_jc(w) − FM_jc(w0)‖²
             total = total + 0.5 * channels * (per_channel * w).sum() / (h * width)
