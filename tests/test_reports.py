@@ -12,6 +12,7 @@ and review the diff before committing.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -31,7 +32,8 @@ import pytest
 from scipy import stats
 
 from spbench import reports
-from spbench.results import OVERHEAD_SCHEMA, R2_SCHEMA, SchemaError, read_parquet
+from spbench.config import format_setting, parse_setting
+from spbench.results import OVERHEAD_SCHEMA, R2_SCHEMA, SchemaError, read_parquet, records_to_frame
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RUNS_SMALL = FIXTURES / "runs_small.parquet"
@@ -45,8 +47,10 @@ REGEN_HINT = (
 )
 PENALTIES = ["none", "l2", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher"]
 K5, K10 = "digits-mod3-k5", "digits-mod3-k10"
-SETTING = ("penalty", "alpha", "beta", "lr")
+SETTING = ("method", "setting")
 KEY = ("source", "target", *SETTING)
+#: LwF's setting in the tests that add a method beyond the penalties
+LWF = "lambda=1.0,lr=0.05,temperature=2.0"
 
 
 def _load_generator():
@@ -84,22 +88,65 @@ def _by_cell(frame: pd.DataFrame) -> dict[tuple, dict]:
     return {_key(r): r for r in frame.to_dict("records")}
 
 
+def _values(text: str) -> dict[str, float]:
+    """A setting's hyper-parameter values, read by hand from its text (``name=value`` pairs
+    joined by commas)."""
+    return {name: float(value) for name, value in (part.split("=") for part in text.split(","))}
+
+
+def _respell(frame: pd.DataFrame, method: str | None = None, hparams: dict | None = None, **values) -> pd.DataFrame:
+    """The rows with another method and/or setting, as the workflow would write them: ``hparams``
+    replaces the hyper-parameters (the learning rate kept), ``values`` changes single ones
+    (``lr`` among them); the setting text, typed columns and run key follow."""
+    out = frame.copy()
+    if method is not None:
+        out["method"] = method
+    settings = []
+    for text in out["setting"]:
+        setting = parse_setting(text)
+        if hparams is not None:
+            setting = {**hparams, "lr": setting["lr"]}
+        settings.append({**setting, **values})
+    out["setting"] = [format_setting(v) for v in settings]
+    out["hparams_json"] = [json.dumps({k: x for k, x in v.items() if k != "lr"}, sort_keys=True) for v in settings]
+    for name in ("alpha", "beta", "lr"):
+        out[name] = [float(v.get(name, math.nan)) for v in settings]
+    out["run_key"] = [f"{r.experiment}/{r.source}/{r.target}/{r.method}/{r.setting}/freeze{r.freeze}/"
+                      f"{r.evaluation}/rep{r.replicate}" for r in out.itertuples(index=False)]
+    return out
+
+
+def _runs_of(gen, method: str, hparams: dict, accuracy: dict, *, lr: float = 0.05, drop: float = -0.02,
+             evaluation: str = "test", experiment: str = "main", replicates: int = 3, seed: int = 7,
+             correct: dict | None = None) -> pd.DataFrame:
+    """Runs of ``method`` in the fixture's schema (:func:`make_runs_small.record`): ``accuracy``
+    per target, freeze 0; ``correct`` fixes the counts per (target, replicate)."""
+    rng = np.random.default_rng(seed)
+    records = [gen.record(target, method, hparams, 0, rep, acc, drop, rng, lr=lr, evaluation=evaluation,
+                          experiment=experiment, n_method_parameters=195, retention_head="method",
+                          correct=(correct or {}).get((target, rep)))
+               for target, acc in accuracy.items() for rep in range(replicates)]
+    return records_to_frame(records)
+
+
 # --------------------------------------------------------------------------- brute force
 
 
 def _brute_selected(runs: pd.DataFrame) -> dict[tuple, tuple]:
-    """(source, target, penalty) -> selected (penalty, alpha, beta, lr), by plain loops."""
+    """(source, target, method) -> selected (method, setting), by plain loops: the highest mean,
+    ties to the smallest value of each hyper-parameter in the order of their names."""
     scores: dict[tuple, list[float]] = defaultdict(list)
     for row in runs.to_dict("records"):
         if row["evaluation"].startswith("val") and row["freeze"] == 0:
             scores[_key(row)].append(100 * row["test_accuracy"])
     best: dict[tuple, tuple] = {}
     for key, values in scores.items():
-        source, target, penalty, alpha, beta, lr = key
-        rank = (round(statistics.mean(values), 9), -alpha, -beta, -lr)
-        group = (source, target, penalty)
+        source, target, method, setting = key
+        hparams = _values(setting)
+        rank = (round(statistics.mean(values), 9), *(-hparams[name] for name in sorted(hparams)))
+        group = (source, target, method)
         if group not in best or rank > best[group][0]:
-            best[group] = (rank, (penalty, alpha, beta, lr))
+            best[group] = (rank, (method, setting))
     return {group: setting for group, (_, setting) in best.items()}
 
 
@@ -123,7 +170,7 @@ def _brute_cells(runs: pd.DataFrame, column: str) -> dict[tuple, list[float]]:
     for row in _unique_test_runs(runs):
         if row.get("experiment", "main") != "main":
             continue
-        setting = chosen.get((row["source"], row["target"], row["penalty"]))
+        setting = chosen.get((row["source"], row["target"], row["method"]))
         if setting is not None and setting != tuple(row[c] for c in SETTING):
             continue
         groups[_key(row)].append(row[column])
@@ -160,12 +207,27 @@ def test_fixtures_are_what_the_generator_writes(gen, runs, r2, overhead):
     pd.testing.assert_frame_equal(r2, gen.make_r2())
     pd.testing.assert_frame_equal(overhead, gen.make_overhead())
     test = runs[runs["evaluation"] == "test"]
-    assert sorted(test["penalty"].unique()) == sorted(PENALTIES)
+    assert sorted(test["method"].unique()) == sorted(PENALTIES)
     assert {"val0", "val1"} <= set(runs["evaluation"])
-    assert sorted(test.loc[test["freeze"] > 0, "penalty"].unique()) == ["l2", "l2_sp"]
-    grid = test[(test["penalty"] == "l2_sp") & (test["target"] == K5) & (test["freeze"] == 0)]
+    assert sorted(test.loc[test["freeze"] > 0, "method"].unique()) == ["l2", "l2_sp"]
+    grid = test[(test["method"] == "l2_sp") & (test["target"] == K5) & (test["freeze"] == 0)]
     assert grid["alpha"].nunique() == 3 and grid["beta"].nunique() == 3
     assert list(r2.columns) == R2_SCHEMA.names and list(overhead.columns) == OVERHEAD_SCHEMA.names
+    # settings in canonical text, the typed columns and the JSON agreeing with it (NaN where a
+    # method has no such hyper-parameter: none has neither alpha nor beta)
+    for frame in (runs, r2):
+        assert all(format_setting(parse_setting(t)) == t for t in frame["setting"])
+    for row in runs.to_dict("records"):
+        values = _values(row["setting"])
+        assert row["lr"] == values["lr"]
+        assert json.loads(row["hparams_json"]) == {k: v for k, v in values.items() if k != "lr"}
+        for name in ("alpha", "beta"):
+            assert row[name] == values[name] if name in values else math.isnan(row[name])
+        assert row["run_key"] == (f"{row['experiment']}/{row['source']}/{row['target']}/{row['method']}/"
+                                  f"{row['setting']}/freeze{row['freeze']}/{row['evaluation']}/rep{row['replicate']}")
+    assert set(runs.loc[runs["method"] == "none", "setting"]) == {"lr=0.01"}
+    assert set(runs.loc[runs["method"] == "l2", "setting"]) >= {"alpha=0.01,beta=0.01,lr=0.01"}
+    assert set(runs["retention_head"]) == {"original"} and set(runs["n_method_parameters"]) == {0}
 
 
 # --------------------------------------------------------------------------- selection
@@ -187,13 +249,14 @@ def test_selection_matches_brute_force(runs, gen):
         assert got[key]["std"] == pytest.approx(100 * statistics.stdev(values), rel=1e-9, abs=1e-12)
     chosen = _brute_selected(runs)
     selected = table.loc[table["selected"], list(KEY)].itertuples(index=False)
-    marked = {(s, t, p): (p, a, b, lr) for s, t, p, a, b, lr in selected}
+    marked = {(s, t, m): (m, text) for s, t, m, text in selected}
     assert marked == chosen
-    assert table.groupby(["source", "target", "penalty"])["selected"].sum().eq(1).all()
+    assert table.groupby(["source", "target", "method"])["selected"].sum().eq(1).all()
     # the designed outcome, including the exact tie on k = 10 won by the smaller alpha
-    assert {setting for setting in chosen.values()} == gen.SELECTED
-    tie = table[(table["target"] == gen.TIE_TARGET) & (table["penalty"] == "l2_sp_fisher")]
-    assert tie["mean"].nunique() == 1 and tie.loc[tie["selected"], "alpha"].tolist() == [0.1]
+    assert set(chosen.values()) == {gen.penalty_setting(p, a, b, lr) for p, a, b, lr in gen.SELECTED}
+    tie = table[(table["target"] == gen.TIE_TARGET) & (table["method"] == "l2_sp_fisher")]
+    assert tie["mean"].nunique() == 1 and len(tie) == 2
+    assert tie.loc[tie["selected"], "setting"].tolist() == ["alpha=0.1,beta=0.01,lr=0.01"]
     chosen_frame = reports.selected_settings(runs)
     assert list(chosen_frame.columns) == list(KEY)
     assert {tuple(r) for r in chosen_frame.itertuples(index=False)} == {(*g[:2], *s) for g, s in chosen.items()}
@@ -202,10 +265,31 @@ def test_selection_matches_brute_force(runs, gen):
 def test_selection_ties_go_to_smallest_alpha_then_beta_then_lr(runs):
     val = runs["evaluation"].str.startswith("val")
     flat = runs.assign(test_accuracy=np.where(val, 0.5, runs["test_accuracy"]))
-    extra = flat[val & (flat["penalty"] == "l2") & (flat["alpha"] == 0.001)].assign(beta=0.001)
+    extra = _respell(flat[val & (flat["method"] == "l2") & (flat["alpha"] == 0.001)], beta=0.001)
     chosen = reports.selected_settings(pd.concat([flat, extra], ignore_index=True))
-    l2 = chosen[chosen["penalty"] == "l2"]
-    assert l2[["alpha", "beta", "lr"]].drop_duplicates().values.tolist() == [[0.001, 0.001, 0.005]]
+    l2 = chosen[chosen["method"] == "l2"]
+    assert l2["setting"].drop_duplicates().tolist() == ["alpha=0.001,beta=0.001,lr=0.005"]
+    assert len(l2) == 2  # one per target
+
+
+def test_ties_compare_values_not_setting_text(runs):
+    """1e-05 < 0.001 though "alpha=1e-05" sorts after "alpha=0.001" as text: selection, the
+    report order and the paired baseline compare hyper-parameters as numbers."""
+    val = runs["evaluation"].str.startswith("val")
+    flat = runs.assign(test_accuracy=np.where(val, 0.5, runs["test_accuracy"]))
+    tiny = _respell(flat[val & (flat["method"] == "l2") & (flat["alpha"] == 0.001)], alpha=1e-05)
+    chosen = reports.selected_settings(pd.concat([flat, tiny], ignore_index=True))
+    assert chosen.loc[chosen["method"] == "l2", "setting"].tolist() == ["alpha=1e-05,beta=0.01,lr=0.005"] * 2
+    main = runs[runs["experiment"] == "main"]
+    l2_sp = main[(main["method"] == "l2_sp") & (main["alpha"] == 0.1)]
+    spread = pd.concat([main, _respell(l2_sp, alpha=10.0), _respell(l2_sp, alpha=1e-05)], ignore_index=True)
+    t2 = reports.table2(spread)
+    alphas = [_values(t)["alpha"] for t in t2.loc[(t2["target"] == K5) & (t2["method"] == "l2_sp"), "setting"]]
+    assert alphas == [1e-05, 0.01, 0.1, 10.0]
+    test = runs[(runs["evaluation"] == "test") & (runs["experiment"] == "main")]
+    l2 = test[test["method"] == "l2"]
+    paired = reports.paired_differences(pd.concat([test, _respell(l2, alpha=1e-05)], ignore_index=True))
+    assert set(paired["baseline_setting"]) == {"alpha=1e-05,beta=0.01,lr=0.01"}
 
 
 def test_selection_never_looks_at_test_runs(runs):
@@ -227,7 +311,7 @@ def test_selection_needs_validation_runs(runs):
 def test_table2_matches_brute_force(runs):
     t2 = reports.table2(runs)
     expected = _brute_cells(runs, "test_accuracy")
-    assert {"source", "target", "penalty", "alpha", "beta", "lr", "n", "mean", "std"} <= set(t2.columns)
+    assert {"source", "target", "method", "setting", "n", "mean", "std"} <= set(t2.columns)
     got = _by_cell(t2)
     assert set(got) == set(expected)
     for key, values in expected.items():
@@ -235,7 +319,7 @@ def test_table2_matches_brute_force(runs):
         assert got[key]["mean"] == pytest.approx(100 * statistics.mean(values), rel=1e-12)
         assert got[key]["std"] == pytest.approx(100 * statistics.stdev(values), rel=1e-9)
     # one column per penalty: l2_sp's unselected main setting and Fig. 1's grid are left out
-    assert t2.groupby("target")["penalty"].apply(list).map(sorted).tolist() == [sorted(PENALTIES)] * 2
+    assert t2.groupby("target")["method"].apply(list).map(sorted).tolist() == [sorted(PENALTIES)] * 2
     # neither validation runs nor frozen runs (all scoring > 85 %) slip in
     assert t2["mean"].max() < 80
 
@@ -245,7 +329,7 @@ def test_table2_paired_columns_match_brute_force(runs):
     paired = _brute_paired(runs)
     for row in t2.to_dict("records"):
         if row["is_baseline"]:
-            assert row["penalty"] == "l2" and math.isnan(row["delta"])
+            assert row["method"] == "l2" and math.isnan(row["delta"])
             continue
         want = paired[_key(row)]
         assert row["delta_n"] == want["n"] == 3
@@ -275,7 +359,7 @@ def test_runs_shared_by_two_experiments_count_once(runs):
     shared = runs[(runs["experiment"] == "alpha_beta") & (runs["alpha"] == 0.1) & (runs["beta"] == 0.01)]
     assert len(shared) == 3  # the fixture holds these runs twice: main and alpha_beta
     t2 = reports.table2(runs)
-    assert t2.loc[(t2["penalty"] == "l2_sp") & (t2["target"] == K5), "n"].tolist() == [3]
+    assert t2.loc[(t2["method"] == "l2_sp") & (t2["target"] == K5), "n"].tolist() == [3]
     paired = reports.paired_differences(runs)
     assert (paired["n"] == 3).all()
     # without the experiment column (and without the second copy) the tables are the same
@@ -286,8 +370,8 @@ def test_runs_shared_by_two_experiments_count_once(runs):
 def test_without_selection_every_setting_is_a_column(runs):
     main = runs[(runs["experiment"] == "main")]
     t2 = reports.table2(main)
-    l2_sp = t2[(t2["penalty"] == "l2_sp") & (t2["target"] == K5)]
-    assert l2_sp["alpha"].tolist() == [0.01, 0.1]
+    l2_sp = t2[(t2["method"] == "l2_sp") & (t2["target"] == K5)]
+    assert l2_sp["setting"].tolist() == ["alpha=0.01,beta=0.01,lr=0.01", "alpha=0.1,beta=0.01,lr=0.01"]
     labels = list(reports.setting_labels(t2).values())
     assert labels == ["none", "l2", "l2_sp (α=0.01, β=0.01)", "l2_sp (α=0.1, β=0.01)", "l2_sp_fisher",
                       "l1_sp", "gl_sp", "gl_sp_fisher"]
@@ -295,37 +379,44 @@ def test_without_selection_every_setting_is_a_column(runs):
     assert "(Δ reference)" not in text  # one l2 column: the reference needs no mark
 
 
-def test_lr_shows_in_labels_only_when_a_penalty_has_several(runs):
+def test_lr_shows_in_labels_only_when_a_method_has_several(runs):
     main = runs[(runs["experiment"] == "main")]
-    faster = main[main["penalty"] == "l2"].assign(lr=0.02)
+    faster = _respell(main[main["method"] == "l2"], lr=0.02)
     t2 = reports.table2(pd.concat([main, faster], ignore_index=True))
     labels = list(reports.setting_labels(t2).values())
     assert labels[1:3] == ["l2 (α=0.01, β=0.01, lr=0.01)", "l2 (α=0.01, β=0.01, lr=0.02)"]
     assert labels[3] == "l2_sp (α=0.01, β=0.01)"
-    # the l2 reference is the lr with most replicates, ties to the smallest alpha: both have 3, same alpha
+    # the l2 reference is the setting with most replicates, ties to the first in report order
+    # (smallest alpha, then beta, then lr): both have 3, same alpha and beta, so the smaller lr
     base = t2[t2["is_baseline"]]
-    assert base["lr"].tolist() == [0.01, 0.01]
+    assert base["setting"].tolist() == ["alpha=0.01,beta=0.01,lr=0.01"] * 2
     assert "(Δ reference)" in reports.render_table2(t2)
 
 
-def test_table_order_penalties_then_others_alphabetically(runs):
+def test_table_order_methods_then_others_alphabetically(runs):
+    assert reports.METHOD_ORDER[:7] == tuple(PENALTIES)
+    assert reports.METHOD_ORDER[7:] == ("lwf", "delta", "bss", "co_tuning")
     main = runs[runs["experiment"] == "main"]
-    extra = main[main["penalty"] == "l2"].assign(penalty="delta")
-    extra2 = main[main["penalty"] == "l2"].assign(penalty="bss")
-    t2 = reports.table2(pd.concat([extra, main, extra2], ignore_index=True))
+    l2 = main[main["method"] == "l2"]
+    extra = _respell(l2, "delta", {"alpha": 0.01})
+    extra2 = _respell(l2, "bss", {"eta": 0.001, "k": 1})
+    extra3 = _respell(l2, "zz_custom", {"gamma": 0.5})
+    extra4 = _respell(l2, "my_custom", {"gamma": 0.5})
+    t2 = reports.table2(pd.concat([extra3, extra, main, extra2, extra4], ignore_index=True))
     first_target = t2[t2["target"] == t2["target"].iloc[0]]
-    assert first_target["penalty"].tolist() == [
-        "none", "l2", "l2_sp", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher", "bss", "delta"
+    assert first_target["method"].tolist() == [
+        "none", "l2", "l2_sp", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher", "delta", "bss",
+        "my_custom", "zz_custom",
     ]
-    assert first_target["alpha"].tolist()[2:4] == [0.01, 0.1]
+    assert [_values(t)["alpha"] for t in first_target["setting"].tolist()[2:4]] == [0.01, 0.1]
     # natural order of targets: k5 before k10
     assert t2["target"].drop_duplicates().tolist() == [K5, K10]
 
 
 def test_single_replicate_has_nan_std_and_is_marked(runs):
-    keep = ~((runs["penalty"] == "none") & (runs["target"] == K5) & (runs["replicate"] > 0))
+    keep = ~((runs["method"] == "none") & (runs["target"] == K5) & (runs["replicate"] > 0))
     t2 = reports.table2(runs[keep])
-    cell = t2[(t2["penalty"] == "none") & (t2["target"] == K5)].iloc[0]
+    cell = t2[(t2["method"] == "none") & (t2["target"] == K5)].iloc[0]
     assert cell["n"] == 1 and math.isnan(cell["std"])
     assert cell["delta_n"] == 1 and math.isnan(cell["delta_low"])
     text = reports.render_table2_markdown(t2)
@@ -334,17 +425,17 @@ def test_single_replicate_has_nan_std_and_is_marked(runs):
 
 
 def test_missing_cell_renders_as_dash(runs):
-    keep = ~((runs["penalty"] == "gl_sp_fisher") & (runs["target"] == K10))
+    keep = ~((runs["method"] == "gl_sp_fisher") & (runs["target"] == K10))
     text = reports.render_table2_markdown(reports.table2(runs[keep]))
     k10 = next(line for line in text.splitlines() if K10 in line)
     assert k10.rstrip(" |").endswith("—")
 
 
 def test_selected_setting_without_test_runs_leaves_the_cell_empty(runs, caplog):
-    keep = ~((runs["penalty"] == "l2_sp") & (runs["alpha"] == 0.1) & (runs["evaluation"] == "test"))
+    keep = ~((runs["method"] == "l2_sp") & (runs["alpha"] == 0.1) & (runs["evaluation"] == "test"))
     with caplog.at_level(logging.WARNING, logger="spbench.reports"):
         t2 = reports.table2(runs[keep])
-    assert "l2_sp" not in set(t2["penalty"])
+    assert "l2_sp" not in set(t2["method"])
     assert "no test runs of the selected setting" in caplog.text
 
 
@@ -357,7 +448,7 @@ def test_paired_differences_match_brute_force(runs):
     got = _by_cell(paired)
     assert set(got) == set(expected)
     # every other setting: l2_sp's whole grid on k = 5 included
-    assert len(paired[(paired["target"] == K5) & (paired["penalty"] == "l2_sp")]) == 9
+    assert len(paired[(paired["target"] == K5) & (paired["method"] == "l2_sp")]) == 9
     for key, want in expected.items():
         row = got[key]
         assert row["n"] == want["n"]
@@ -365,37 +456,167 @@ def test_paired_differences_match_brute_force(runs):
         assert row["sd"] == pytest.approx(want["sd"], rel=1e-9)
         assert row["ci_low"] == pytest.approx(want["low"], rel=1e-9)
         assert row["ci_high"] == pytest.approx(want["high"], rel=1e-9)
-        base = (row["baseline_penalty"], row["baseline_alpha"], row["baseline_beta"], row["baseline_lr"])
-        assert base == want["base"]
+        assert (row["baseline_method"], row["baseline_setting"]) == want["base"]
     assert set(paired["baseline_rule"]) == {"selected on validation folds"}
 
 
 def test_paired_baseline_without_validation_is_the_l2_setting_with_most_replicates(runs):
     test = runs[runs["evaluation"] == "test"]
-    l2 = test[(test["penalty"] == "l2") & (test["freeze"] == 0)]
-    fewer = l2[l2["replicate"] < 2].assign(alpha=0.001)  # 2 replicates, smaller alpha
-    more = l2.assign(alpha=0.1)  # 3 replicates, like the original; ties go to the smaller alpha (0.01)
+    l2 = test[(test["method"] == "l2") & (test["freeze"] == 0)]
+    fewer = _respell(l2[l2["replicate"] < 2], alpha=0.001)  # 2 replicates, smaller alpha
+    more = _respell(l2, alpha=0.1)  # 3 replicates, like the original; ties go to the smaller alpha (0.01)
     paired = reports.paired_differences(pd.concat([test, fewer, more], ignore_index=True))
-    assert set(paired["baseline_alpha"]) == {0.01} and set(paired["baseline_rule"]) == {"most replicates"}
-    against_fewer = paired[(paired["penalty"] == "l2") & (paired["alpha"] == 0.001)]
+    assert set(paired["baseline_setting"]) == {"alpha=0.01,beta=0.01,lr=0.01"}
+    assert set(paired["baseline_method"]) == {"l2"} and set(paired["baseline_rule"]) == {"most replicates"}
+    against_fewer = paired[(paired["method"] == "l2") & (paired["setting"] == "alpha=0.001,beta=0.01,lr=0.01")]
     assert against_fewer["n"].tolist() == [2, 2]
 
 
 def test_paired_single_common_replicate_has_no_interval(runs):
     test = runs[runs["evaluation"] == "test"]
-    keep = ~((test["penalty"] == "none") & (test["replicate"] > 0))
+    keep = ~((test["method"] == "none") & (test["replicate"] > 0))
     paired = reports.paired_differences(test[keep])
-    row = paired[paired["penalty"] == "none"].iloc[0]
+    row = paired[paired["method"] == "none"].iloc[0]
     assert row["n"] == 1 and math.isnan(row["sd"]) and math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
     assert "| n/a |" in reports.render_paired(paired).replace("  ", " ").replace("  ", " ")
 
 
 def test_paired_needs_the_baseline(runs):
-    with pytest.raises(reports.InsufficientDataError, match=r"baseline penalty 'l2'"):
-        reports.paired_differences(runs[runs["penalty"] != "l2"])
-    t2 = reports.table2(runs[runs["penalty"] != "l2"])
+    with pytest.raises(reports.InsufficientDataError, match=r"baseline method 'l2'"):
+        reports.paired_differences(runs[runs["method"] != "l2"])
+    t2 = reports.table2(runs[runs["method"] != "l2"])
     assert "delta" not in t2.columns
     assert "Δ" not in reports.render_table2(t2)
+
+
+# --------------------------------------------------------------------------- methods beyond the penalties
+
+
+def _md_rows(text: str) -> list[list[str]]:
+    """The cells of a Markdown table's rows (header first, the rule left out)."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|")]
+    return [rows[0], *rows[2:]]
+
+
+def _with_lwf(runs: pd.DataFrame, gen) -> tuple[pd.DataFrame, pd.DataFrame]:
+    lwf = _runs_of(gen, "lwf", {"lambda": 1.0, "temperature": 2.0}, {K5: 0.65, K10: 0.72})
+    return lwf, pd.concat([runs, lwf], ignore_index=True)
+
+
+def test_a_method_beyond_the_penalties_is_its_own_column(runs, gen):
+    lwf, both = _with_lwf(runs, gen)
+    assert set(lwf["setting"]) == {LWF} and lwf["alpha"].isna().all() and lwf["beta"].isna().all()
+    assert set(lwf["retention_head"]) == {"method"}
+    t2 = reports.table2(both)
+    # after the seven penalties, in METHOD_ORDER, on every target
+    assert t2.groupby("target", sort=False)["method"].apply(list).tolist() == [[*PENALTIES, "lwf"]] * 2
+    expected = _brute_cells(both, "test_accuracy")
+    got = _by_cell(t2)
+    assert set(got) == set(expected) and {k for k in got if k[2] == "lwf"} == {
+        ("digits-src", K5, "lwf", LWF), ("digits-src", K10, "lwf", LWF)}
+    for key, values in expected.items():
+        assert got[key]["n"] == len(values) == 3
+        assert got[key]["mean"] == pytest.approx(100 * statistics.mean(values), rel=1e-12)
+        assert got[key]["std"] == pytest.approx(100 * statistics.stdev(values), rel=1e-9)
+    paired = _brute_paired(both)
+    for target in (K5, K10):
+        row, want = got[("digits-src", target, "lwf", LWF)], paired[("digits-src", target, "lwf", LWF)]
+        assert not row["is_baseline"] and row["delta_n"] == want["n"] == 3
+        assert row["delta"] == pytest.approx(want["delta"], rel=1e-12)
+        assert (row["delta_low"], row["delta_high"]) == pytest.approx((want["low"], want["high"]), rel=1e-9)
+    # the penalties' cells are the fixture's own
+    pd.testing.assert_frame_equal(t2[t2["method"] != "lwf"].reset_index(drop=True), reports.table2(runs))
+    assert reports.setting_labels(t2)[("lwf", LWF)] == "lwf"
+    header, *body = _md_rows(reports.render_table2(t2))
+    assert header == ["source", "target", *PENALTIES, "lwf"]
+    lwf_k5 = got[("digits-src", K5, "lwf", LWF)]
+    assert body[0][-1].startswith(f"{lwf_k5['mean']:.2f} ± {lwf_k5['std']:.2f}  (Δ {lwf_k5['delta']:+.2f} [")
+
+    t3 = reports.table3(both)
+    assert t3.groupby("target", sort=False)["method"].apply(list).tolist() == [[*PENALTIES, "lwf"]] * 2
+    drops = _brute_cells(both, "source_accuracy_drop")
+    got3 = _by_cell(t3)
+    assert set(got3) == set(drops)
+    for key in [k for k in drops if k[2] == "lwf"]:
+        assert got3[key]["n"] == 3
+        assert got3[key]["mean"] == pytest.approx(100 * statistics.mean(drops[key]), rel=1e-12)
+        assert got3[key]["std"] == pytest.approx(100 * statistics.stdev(drops[key]), rel=1e-9)
+    pd.testing.assert_frame_equal(t3[t3["method"] != "lwf"].reset_index(drop=True), reports.table3(runs))
+    header3 = _md_rows(reports.render_table3(t3))[0]
+    assert header3[-len(PENALTIES) - 1:] == [*PENALTIES, "lwf"]
+
+    fig = reports.fig2(both)
+    assert _legend(fig) == ("method", [*PENALTIES, "lwf"])
+    bars = {(round(m - s, 6), round(m + s, 6)) for m, s in zip(t2["mean"], t2["std"])}
+    assert _errorbar_extents(fig.axes[0]) == bars
+
+
+def _lwf_selection(gen) -> pd.DataFrame:
+    """LwF candidates λ ∈ {2, 10} (T = 2, lr = 0.05) on validation folds, 2 replicates: on k = 5
+    λ = 10 scores higher; on k = 10 the two score exactly alike (λ = 10 copies λ = 2's counts);
+    and test runs of both."""
+    hp = {lam: {"lambda": lam, "temperature": 2.0} for lam in (2.0, 10.0)}
+    frames = []
+    for i, fold in enumerate(("val0", "val1")):
+        low = _runs_of(gen, "lwf", hp[2.0], {K5: 0.86, K10: 0.90}, evaluation=fold, experiment="select",
+                       replicates=2, seed=100 + i)
+        tied = {(r.target, r.replicate): round(r.test_accuracy * r.n_test) for r in low.itertuples() if r.target == K10}
+        high = _runs_of(gen, "lwf", hp[10.0], {K5: 0.97, K10: 0.90}, evaluation=fold, experiment="select",
+                        replicates=2, seed=200 + i, correct=tied)
+        frames += [low, high]
+    frames += [_runs_of(gen, "lwf", hp[2.0], {K5: 0.64, K10: 0.70}, seed=300),
+               _runs_of(gen, "lwf", hp[10.0], {K5: 0.66, K10: 0.73}, seed=301)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_selection_over_a_non_alpha_hyper_parameter(runs, gen):
+    lam2, lam10 = "lambda=2.0,lr=0.05,temperature=2.0", "lambda=10.0,lr=0.05,temperature=2.0"
+    lwf = _lwf_selection(gen)
+    both = pd.concat([runs, lwf], ignore_index=True)
+    table = reports.selection_table(both)
+    rows = table[table["method"] == "lwf"]
+    # after the penalties; within LwF by the value of λ (2 before 10, unlike their text)
+    methods = table.groupby("target", sort=False)["method"].apply(lambda m: list(dict.fromkeys(m)))
+    assert methods.tolist() == [["l2", "l2_sp", "l2_sp_fisher", "lwf"]] * 2
+    assert rows["setting"].tolist() == [lam2, lam10, lam2, lam10]
+    assert (rows["n"] == 4).all() and (rows["folds"] == 2).all() and (rows["replicates"] == 2).all()
+    # the brute force over every method: highest mean, ties to the smallest value in name order
+    chosen = _brute_selected(both)
+    marked = {(s, t, m): (m, text) for s, t, m, text in table.loc[table["selected"], list(KEY)].itertuples(index=False)}
+    assert marked == chosen
+    assert table.groupby(["source", "target", "method"])["selected"].sum().eq(1).all()
+    # the designed outcome: the best mean on k = 5 (not the smaller λ), the exact tie on k = 10 to λ = 2
+    k5, k10 = rows[rows["target"] == K5], rows[rows["target"] == K10]
+    assert k5.set_index("setting")["mean"][lam10] > k5.set_index("setting")["mean"][lam2]
+    assert k5.loc[k5["selected"], "setting"].tolist() == [lam10]
+    assert k10["mean"].nunique() == 1 and k10.loc[k10["selected"], "setting"].tolist() == [lam2]
+    picked = reports.selected_settings(both)
+    assert picked[picked["method"] == "lwf"].values.tolist() == [
+        ["digits-src", K5, "lwf", lam10], ["digits-src", K10, "lwf", lam2]]
+    # the penalties' selection is the fixture's own
+    pd.testing.assert_frame_equal(table[table["method"] != "lwf"].reset_index(drop=True), reports.selection_table(runs))
+    # Table 2 reports the chosen λ only
+    t2 = reports.table2(both)
+    assert t2.loc[t2["method"] == "lwf", ["target", "setting"]].values.tolist() == [[K5, lam10], [K10, lam2]]
+    expected = _brute_cells(both, "test_accuracy")
+    got = _by_cell(t2)
+    assert set(got) == set(expected)
+    for key in [k for k in expected if k[2] == "lwf"]:
+        assert got[key]["mean"] == pytest.approx(100 * statistics.mean(expected[key]), rel=1e-12)
+    # rendered: one setting column, hyper-parameters by their symbols, lr last
+    body = _md_rows(reports.render_selection(table))
+    assert body[0] == ["source", "target", "method", "setting", "runs", "folds", "validation accuracy (%)",
+                       "selected"]
+    lwf_rows = [r for r in body[1:] if r[2] == "lwf"]
+    assert [(r[1], r[3], r[-1]) for r in lwf_rows] == [
+        (K5, "λ=2, T=2, lr=0.05", ""), (K5, "λ=10, T=2, lr=0.05", "yes"),
+        (K10, "λ=2, T=2, lr=0.05", "yes"), (K10, "λ=10, T=2, lr=0.05", ""),
+    ]
+    # without selection both λ are columns, labelled by all their hyper-parameters (one lr: not shown)
+    main = both[both["experiment"] == "main"]
+    labels = reports.setting_labels(reports.table2(main))
+    assert [v for (m, _), v in labels.items() if m == "lwf"] == ["lwf (λ=2, T=2)", "lwf (λ=10, T=2)"]
 
 
 # --------------------------------------------------------------------------- paper numbers
@@ -466,7 +687,7 @@ GOLDEN = [
 ]
 
 
-@pytest.mark.parametrize("name, build", GOLDEN, ids=[name for name, _ in GOLDEN])
+@pytest.mark.parametrize("name, build", [pytest.param(name, build, id=name) for name, build in GOLDEN])
 def test_tables_match_golden(runs, overhead, name, build):
     _golden(name, build(runs, overhead))
 
@@ -486,7 +707,7 @@ def test_markdown_layout(runs):
 def test_latex_is_a_booktabs_tabular(runs, overhead):
     for text, ncols in [
         (reports.render_table2(reports.table2(runs), "latex"), 2 + len(PENALTIES)),
-        (reports.render_selection(reports.selection_table(runs), "latex"), 10),
+        (reports.render_selection(reports.selection_table(runs), "latex"), 8),
         (reports.render_overhead(reports.overhead_table(overhead), "latex"), 11),
     ]:
         lines = text.splitlines()
@@ -554,9 +775,17 @@ def test_unknown_format_is_refused(runs):
         reports.render_table2(reports.table2(runs), "rst")
 
 
-def test_overhead_table(overhead):
+def test_overhead_rows_in_penalty_order(overhead):
     table = reports.overhead_table(overhead)
     assert table["penalty"].tolist() == PENALTIES[1:]
+    shuffled = reports.overhead_table(overhead.iloc[::-1])
+    assert shuffled["penalty"].tolist() == PENALTIES[1:]
+
+
+def test_overhead_table(overhead):
+    table = reports.overhead_table(overhead)
+    assert sorted(table["penalty"]) == sorted(PENALTIES[1:])
+    table = table.set_index("penalty").loc[overhead["penalty"]].reset_index()
     assert np.allclose(table["flops_percent"], 100 * overhead["flops_ratio"])
     assert np.allclose(table["time_percent"], 100 * overhead["penalty_seconds"] / overhead["step_seconds"])
     text = reports.render_overhead(table)
@@ -596,7 +825,7 @@ def test_fig1_draws_the_alpha_beta_grid(runs, gen):
         row = []
         for beta in gen.GRID_BETAS:
             cell = [r["test_accuracy"] for r in _unique_test_runs(runs)
-                    if r["penalty"] == "l2_sp" and r["target"] == K5 and r["alpha"] == alpha and r["beta"] == beta]
+                    if r["method"] == "l2_sp" and r["target"] == K5 and r["alpha"] == alpha and r["beta"] == beta]
             assert len(cell) == 3
             row.append(round(100 * statistics.mean(cell), 6))
         means[alpha] = row
@@ -609,8 +838,10 @@ def test_fig1_draws_the_alpha_beta_grid(runs, gen):
 def test_fig1_options_and_errors(runs):
     fig = reports.fig1(runs, x="alpha")
     assert fig.axes[0].get_xlabel() == "α" and _legend(fig)[0] == "β"
-    with pytest.raises(reports.InsufficientDataError, match=r"penalty 'l2' with several alpha and several beta"):
-        reports.fig1(runs, penalty="l2")
+    with pytest.raises(reports.InsufficientDataError, match=r"method 'l2' with several alpha and several beta"):
+        reports.fig1(runs, method="l2")
+    with pytest.raises(reports.InsufficientDataError, match=r"method 'none' with several alpha"):
+        reports.fig1(runs, "none")  # no alpha, no beta (NaN): no grid
     with pytest.raises(reports.InsufficientDataError, match=r"target = 'digits-mod3-k10'"):
         reports.fig1(runs, target=K10)
     with pytest.raises(ValueError, match="x must be 'alpha' or 'beta'"):
@@ -625,7 +856,7 @@ def test_fig2_on_fixture(runs):
     assert ax.get_ylabel() == "test accuracy (%)"
     assert [t.get_text() for t in ax.get_xticklabels()] == [K5, K10]
     title, entries = _legend(fig)
-    assert title == "penalty" and entries == PENALTIES
+    assert title == "method" and entries == PENALTIES
     # error bars are mean ± sample std of the replicates, as in Table 2
     t2 = reports.table2(runs)
     expected = {(round(m - s, 6), round(m + s, 6)) for m, s in zip(t2["mean"], t2["std"])}
@@ -658,18 +889,18 @@ def test_fig3_freeze_depth_with_dashed_unfrozen_levels(runs, gen):
     assert ax.get_xlabel() == "frozen up to layer (freeze depth)" and ax.get_ylabel() == "test accuracy (%)"
     assert list(ax.get_xticks()) == [1, 2, 3]
     title, entries = _legend(fig)
-    assert title == "penalty" and entries == ["l2", "l2_sp", "no freezing"]
+    assert title == "method" and entries == ["l2", "l2_sp", "no freezing"]
     solid, dashed = _fig3_lines(ax)
     assert len(solid) == 2 and len(dashed) == 2
     t2 = reports.table2(runs)
     for line, dash, (penalty, alpha, beta) in zip(solid, dashed, gen.FROZEN):
         assert line.get_color() == dash.get_color()
-        level = t2[(t2["target"] == K5) & (t2["penalty"] == penalty)]
-        assert level["alpha"].tolist() == [alpha]
+        level = t2[(t2["target"] == K5) & (t2["method"] == penalty)]
+        assert [(penalty, s) for s in level["setting"]] == [gen.penalty_setting(penalty, alpha, beta)]
         assert dash.get_ydata()[0] == pytest.approx(level["mean"].iloc[0])
         for depth, y in zip(line.get_xdata(), line.get_ydata()):
             values = [r["test_accuracy"] for r in _unique_test_runs(runs, freeze=int(depth))
-                      if r["penalty"] == penalty and r["target"] == K5]
+                      if r["method"] == penalty and r["target"] == K5]
             assert y == pytest.approx(100 * statistics.mean(values))
 
 
@@ -680,26 +911,47 @@ def test_fig3_without_validation_uses_the_frozen_setting(runs):
     assert len(solid) == 2 and len(dashed) == 2
     levels = sorted(d.get_ydata()[0] for d in dashed)
     t2 = reports.table2(runs)
-    assert levels == pytest.approx(sorted(t2.loc[(t2["target"] == K5) & t2["penalty"].isin(["l2", "l2_sp"]), "mean"]))
+    assert levels == pytest.approx(sorted(t2.loc[(t2["target"] == K5) & t2["method"].isin(["l2", "l2_sp"]), "mean"]))
 
 
 def test_fig3_needs_frozen_runs(runs):
-    message = r"no test runs with freeze > 0 for the penalties \['l2', 'l2_sp'\]"
+    message = r"no test runs with freeze > 0 for the methods \['l2', 'l2_sp'\]"
     with pytest.raises(reports.InsufficientDataError, match=message):
         reports.fig3(runs[runs["freeze"] == 0])
+    with pytest.raises(reports.InsufficientDataError, match=r"for the methods \['lwf'\]"):
+        reports.fig3(runs, methods=["lwf"])
 
 
-def test_fig4_boxes_per_layer_and_penalty(r2):
+def test_fig3_draws_the_methods_asked_for(runs):
+    fig = reports.fig3(runs, methods=["l2_sp"])
+    solid, dashed = _fig3_lines(fig.axes[0])
+    assert len(solid) == 1 and len(dashed) == 1
+    assert _legend(fig) == ("method", ["l2_sp", "no freezing"])
+
+
+def test_fig4_boxes_per_layer_and_method(r2):
     fig = reports.fig4(r2)
     (ax,) = fig.axes
     boxes = sum(len(c.boxes) for c in ax.containers)
-    assert boxes == r2["layer_index"].nunique() * r2["penalty"].nunique() == 12
+    assert boxes == r2["layer_index"].nunique() * r2["method"].nunique() == 12
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "4"]
     assert ax.get_xlabel() == "layer (forward order)"
     low, high = ax.get_ylim()
     assert low <= r2["r2"].min() < 0 and 1.0 <= high <= 1.05
     title, entries = _legend(fig)
-    assert title == "penalty" and entries == ["l2", "l2_sp", "l2_sp_fisher"]
+    assert title == "method" and entries == ["l2", "l2_sp", "l2_sp_fisher"]
+
+
+def test_fig4_labels_a_method_with_several_settings_by_its_hyper_parameters(r2):
+    l2_sp = r2[r2["method"] == "l2_sp"]
+    lwf = r2[r2["method"] == "l2"].assign(method="lwf", setting=LWF)
+    more = pd.concat([r2, l2_sp.assign(setting="alpha=1.0,beta=0.01,lr=0.01"), lwf], ignore_index=True)
+    fig = reports.fig4(more)
+    boxes = sum(len(c.boxes) for c in fig.axes[0].containers)
+    assert boxes == 4 * 5
+    assert _legend(fig) == ("method", ["l2", "l2_sp (α=0.1, β=0.01)", "l2_sp (α=1, β=0.01)", "l2_sp_fisher", "lwf"])
+    with pytest.raises(ValueError, match="several R² rows share one"):
+        reports.fig4(pd.concat([r2, r2.iloc[:1]], ignore_index=True))
 
 
 def test_figures_are_not_managed_by_pyplot(runs):
@@ -748,6 +1000,18 @@ def test_cli_help_runs_as_a_module():
     assert done.returncode == 0
     assert "RUNS_PARQUET" in done.stdout and "OUT_DIR" in done.stdout
     assert "--r2" in done.stdout and "--overhead" in done.stdout
+    assert "--fig1-method" in done.stdout and "--fig3-methods" in done.stdout
+    assert "--fig1-penalty" not in done.stdout and "--fig3-penalties" not in done.stdout
+
+
+def test_cli_figure_methods(tmp_path, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="spbench.reports"):
+        rc = reports.main([str(RUNS_SMALL), str(out), "--fig1-method", "l2", "--fig3-methods", "l2_sp"])
+    assert rc == 0
+    names = {p.name for p in out.iterdir()}
+    assert "fig1.png" not in names and {"fig2.png", "fig3.png", "fig3.pdf"} <= names
+    assert "skipping fig1: fig1: no (source, target) has test runs (freeze == 0) of method 'l2'" in caplog.text
 
 
 def test_cli_refuses_a_table_of_the_wrong_schema(tmp_path, r2):
@@ -797,11 +1061,16 @@ def test_empty_table_is_refused(runs, build):
 @pytest.mark.parametrize("build, column", [
     (reports.table2, "test_accuracy"),
     (reports.table2, "freeze"),
-    (reports.table2, "lr"),
+    (reports.table2, "method"),
+    (reports.table2, "setting"),
     (reports.table2, "evaluation"),
     (reports.table3, "source_accuracy_drop"),
     (reports.table3, "source_accuracy_pretrained"),
-    (reports.fig2, "penalty"),
+    (reports.fig2, "method"),
+    (reports.fig3, "setting"),
+    (reports.fig1, "alpha"),
+    (reports.fig1, "beta"),
+    (reports.fig1, "lr"),
     (reports.selection_table, "evaluation"),
     (reports.paired_differences, "replicate"),
 ], ids=lambda x: getattr(x, "__name__", x))

@@ -272,7 +272,7 @@ def _sort_rows(frame: pd.DataFrame, by: Sequence[str] = GROUP) -> pd.DataFrame:
     def key(values: tuple) -> tuple:
         out = []
         for column, value in zip(by, values):
-            if column == "method":
+            if column in ("method", "penalty"):
                 out.append(_method_key(value))
             elif column == "setting":
                 out.append(_values_key(value))
@@ -513,8 +513,9 @@ def table3(runs: pd.DataFrame) -> pd.DataFrame:
 
     Same cells as :func:`table2`. ``mean`` and ``std`` are the mean and sample std (ddof = 1)
     of 100 · source_accuracy_drop, in percentage points, where the drop is (accuracy of the
-    fine-tuned backbone with the original source head on source test data) − (pretrained
-    network's accuracy); negative means worse. ``source_accuracy`` and
+    fine-tuned backbone with the original source head — or the method's trained copy of it,
+    the record's ``retention_head`` — on source test data) − (pretrained network's accuracy);
+    negative means worse. ``source_accuracy`` and
     ``source_accuracy_pretrained`` are the cell means of those columns, in percent.
     """
     cols = ["source_accuracy", "source_accuracy_pretrained", "source_accuracy_drop"]
@@ -787,7 +788,8 @@ def _table2_display(t2: pd.DataFrame) -> _Display:
 def _table3_display(t3: pd.DataFrame) -> _Display:
     caption = (
         "Source-task accuracy drop (percentage points): fine-tuned backbone with the original source "
-        "head on source test data, minus the pretrained network's accuracy (negative = forgotten); "
+        "head (for a method that trains a copy of it, LwF and Co-Tuning: that copy) on source test data, "
+        "minus the pretrained network's accuracy (negative = forgotten); "
         f"mean ± sample std over {_replicates_phrase(t3)}; freeze = 0. "
         "“pretrained (%)” is the pretrained network's source accuracy."
     )
@@ -964,7 +966,7 @@ def fig1(
         raise ValueError(f"fig1: x must be 'alpha' or 'beta', not {x!r}")
     hue = "alpha" if x == "beta" else "beta"
     symbol = {"alpha": "α", "beta": "β"}
-    _check_runs(runs, _required("test_accuracy"), "fig1")
+    _check_runs(runs, _required("test_accuracy", "alpha", "beta", "lr"), "fig1")
     test = _test_runs(_slim(runs, "test_accuracy"), "fig1")
     sel = test[test["method"] == method]
     if source is not None:
