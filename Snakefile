@@ -8,7 +8,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The config you pass is the config that runs: `--configfile X` (one file or several, merged in
+# order) replaces the demo's config.yaml instead of being merged over it; with no
+# --configfile, config.yaml (the embedded demo) runs. `--config key=value` applies to either.
+if not workflow.overwrite_configfiles:
+    workflow.configfile("config.yaml")
 
 
 include: "rules/common.smk"
