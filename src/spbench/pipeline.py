@@ -163,7 +163,10 @@ def compute_fisher(config: Mapping, source: str, model_path, task_dir, out_path)
     model.to(dev)
     _, xs, _ = task_inputs(config, task_dir)  # central crops, no augmentation
     x = xs[opts["split"]]
-    x = x[: opts["num_examples"]] if isinstance(x, torch.Tensor) else x.take(opts["num_examples"])
+    # m images drawn at random (seeded by fisher.seed) from the split, in the split's order
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(opts["seed"]))[: opts["num_examples"]]
+    pick = pick.sort().values
+    x = x[pick] if isinstance(x, torch.Tensor) else x.select(pick.numpy())
     x = x.to(dev)
     names = [n for n, _ in model.named_parameters() if n.startswith("backbone.")]
     gen = torch.Generator().manual_seed(opts["seed"])
@@ -270,7 +273,10 @@ def finetune_run(
         if fisher_path is None:
             raise ValueError(f"method {spec.method!r} needs the source's Fisher file")
         raw, fisher_meta = load_fisher(fisher_path)
-        fisher = normalize_fisher({n: raw[n].to(dev) for n in inherited}, config["fisher"]["normalize"])
+        # rescaled over the whole backbone, then restricted to S: α means the same whatever
+        # sp_scope and the freeze depth leave in S
+        whole = normalize_fisher(raw, config["fisher"]["normalize"])
+        fisher = {n: whole[n].to(dev) for n in inherited}
     context = MethodContext(model, inherited, head, source_model=src_model, fisher=fisher,
                             nonsmooth=ft["nonsmooth"], epsilon=ft["epsilon"])
     method = make_method(spec.method, context, **spec.hparams).to(dev)
@@ -284,7 +290,8 @@ def finetune_run(
         sel = config["selection"]
         train_idx, val_idx = fold_split(y.cpu().numpy(), sel["folds"], spec.fold, derive_seed("folds", spec.target))
         pick = (lambda v, idx: v[idx]) if isinstance(x, torch.Tensor) else (lambda v, idx: v.select(idx))
-        x_eval, y_eval = pick(x, val_idx), y[val_idx]
+        # the held-out fold is scored as the test set is: central crops, no augmentation
+        x_eval, y_eval = pick(x if isinstance(x, torch.Tensor) else x.central(), val_idx), y[val_idx]
         x, y = pick(x, train_idx), y[train_idx]
     x, y = x.to(dev), y.to(dev)
     gen = torch.Generator().manual_seed(derive_seed("batches", spec.seed))
@@ -354,6 +361,8 @@ def finetune_run(
         "bn_mode": ft["bn_mode"],
         "fisher_estimator": fisher_meta.get("estimator", ""),
         "fisher_normalize": config["fisher"]["normalize"] if fisher is not None else "",
+        "fisher_samples": int(fisher_meta.get("samples", 0)),
+        "fisher_m": int(fisher_meta.get("m", 0)),
         "steps": ft["steps"],
         "batch_size": min(ft["batch_size"], len(x)),
         "lr": spec.lr,

@@ -61,7 +61,9 @@ SCHEMA = pa.schema(
         ("epsilon", pa.float64()),  # smoothing in effect (0 when exact)
         ("bn_mode", pa.string()),
         ("fisher_estimator", pa.string()),
-        ("fisher_normalize", pa.string()),
+        ("fisher_normalize", pa.string()),  # none | mean (over the whole backbone, before restriction to S)
+        ("fisher_samples", pa.int64()),  # labels sampled per image by the mc estimator (0: exact, or no Fisher)
+        ("fisher_m", pa.int64()),  # source images the Fisher was estimated on (0: no Fisher)
         ("steps", pa.int64()),
         ("batch_size", pa.int64()),
         ("lr", pa.float64()),
