@@ -31,4 +31,7 @@ include: "rules/report.smk"
 rule all:
     input:
         final_outputs(),
+        # every run's record is a target too: Snakemake does not remake a deleted file that
+        # only feeds an up-to-date output (runs.parquet); a requested one it does
+        all_records,
     default_target: True

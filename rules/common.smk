@@ -60,6 +60,24 @@ def get_run_spec(wildcards):
     return spec
 
 
+def get_run_config(wildcards):
+    """The resolved config of a run, canonical JSON (a param: it triggers reruns)."""
+    from spbench.pipeline import run_config
+
+    return json.dumps(run_config(config, get_run_spec(wildcards)), sort_keys=True)
+
+
+def report_options():
+    """The options the report rule passes to the report builders (a param: a change reruns it)."""
+    figures = config.get("figures", {})
+    out = {}
+    if "alpha_beta" in figures:
+        out["fig1"] = {"method": figures["alpha_beta"]["method"], "target": figures["alpha_beta"]["target"]}
+    if "freeze" in figures:
+        out["fig3"] = {"methods": list(figures["freeze"]["methods"])}
+    return json.dumps(out, sort_keys=True)
+
+
 def choose_setting(source, target, method):
     """The setting chosen by model selection (waits for the select_setting checkpoint)."""
     path = checkpoints.select_setting.get(source=source, target=target, method=method).output.selection

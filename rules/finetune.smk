@@ -21,6 +21,9 @@ rule finetune:
         f"logs/finetune/{RUN_PATTERN}.log",
     params:
         run_key=lambda wildcards: get_run_spec(wildcards).key,
+        # The run's resolved config (spbench.pipeline.run_config), as Snakemake's params rerun
+        # trigger sees it: a config change reruns the runs it changes, and only those.
+        run_config=get_run_config,
         # Not an output: Snakemake deletes the outputs of a failed attempt, and the
         # checkpoint must outlive it (a preempted run resumes from it).
         checkpoint=lambda wildcards: checkpoint_path(get_run_spec(wildcards)),

@@ -20,6 +20,7 @@ rule report:
         "logs/report.log",
     params:
         out_dir=lambda wildcards, output: Path(output[0]).parent,
+        options=report_options(),
     conda:
         "../envs/spbench.yaml"
     script:

@@ -1,4 +1,5 @@
 """Rule report: every table and figure from runs.parquet (and the analysis tables) alone."""
+import json
 from pathlib import Path
 
 from spbench.pipeline import setup_logging
@@ -9,11 +10,11 @@ args = [snakemake.input.parquet, str(snakemake.params.out_dir)]
 for key in ("r2", "overhead"):
     if key in snakemake.input.keys():
         args += [f"--{key}", snakemake.input[key]]
-figures = snakemake.config.get("figures", {})
-if "alpha_beta" in figures:
-    args += ["--fig1-method", figures["alpha_beta"]["method"], "--fig1-target", figures["alpha_beta"]["target"]]
-if "freeze" in figures:
-    args += ["--fig3-methods", ",".join(figures["freeze"]["methods"])]
+options = json.loads(snakemake.params.options)
+if "fig1" in options:
+    args += ["--fig1-method", options["fig1"]["method"], "--fig1-target", options["fig1"]["target"]]
+if "fig3" in options:
+    args += ["--fig3-methods", ",".join(options["fig3"]["methods"])]
 main(args)
 missing = [p for p in snakemake.output if not Path(p).exists()]
 if missing:

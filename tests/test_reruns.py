@@ -1,0 +1,131 @@
+"""The config you pass is the config that runs, and a config change reruns what it changes:
+the real `snakemake` CLI, from the checkout root as a user types it and on a finished tiny
+workflow in a temporary directory."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(args, cwd, check=True):
+    proc = subprocess.run([SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def _planned(text: str) -> dict[str, int]:
+    """The job counts of a dry run's summary table (rule -> count)."""
+    counts = {}
+    table = text.split("Job stats:", 1)[-1] if "Job stats:" in text else ""
+    for line in table.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+@pytest.mark.parametrize("configfile", ["config/tiny.yaml", "config/paper.yaml"])
+def test_configfile_from_the_checkout_root_is_the_config_that_runs(configfile):
+    """From the checkout root, `--configfile X` runs X alone: none of the demo's methods or
+    options leak in (the demo's config.yaml is not merged under it)."""
+    out = _run(["-n", "--configfile", configfile], REPO)
+    config = yaml.safe_load((REPO / configfile).read_text())
+    methods_in_plan = set(re.findall(r"method=(\w+)", out))
+    assert methods_in_plan, out[-2000:]
+    assert methods_in_plan <= set(config["grid"]["methods"]), methods_in_plan
+    if "l1_sp" not in config["grid"]["methods"]:
+        assert "/l1_sp/" not in out
+
+
+def test_no_configfile_runs_the_demo():
+    """Without --configfile the demo's config.yaml runs: a run only the demo defines (target
+    k20, LwF) can be asked for; with --configfile config/tiny.yaml, which lacks both, it cannot."""
+    out = _run(["-n"], REPO)
+    demo = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert set(re.findall(r"method=(\w+)", out)) <= set(demo["grid"]["methods"])
+    run = "results/runs/main/digits-src/digits-mod3-k20/lwf/lambda=1.0,lr=0.05,temperature=2.0/freeze0/test/rep0/record.json"
+    planned = _run(["-n", run], REPO)
+    assert "digits-mod3-k20" in planned and "finetune" in planned
+    refused = subprocess.run([SNAKEMAKE, "-n", "--configfile", "config/tiny.yaml", run], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("reruns")
+    config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    config["grid"]["methods"] = {"none": {}, "l2": {"alpha": [0.01]}, "l2_sp": {"alpha": [0.01, 0.1]}}
+    config["figures"] = {"activations": {"target": "digits-mod3-k5", "methods": ["l2", "l2_sp"], "max_images": 64}}
+    # no model selection: a dry run cannot see past a checkpoint that must rerun, and every
+    # run should be visible to these checks
+    del config["selection"]
+    (work / "c.yaml").write_text(yaml.safe_dump(config))
+    _run(["-s", str(REPO / "Snakefile"), "--directory", str(work), "--configfile", "c.yaml", "--cores", "2"], work)
+    return work
+
+
+def _dry(work: Path, config: dict) -> dict[str, int]:
+    (work / "changed.yaml").write_text(yaml.safe_dump(config))
+    out = _run(["-s", str(REPO / "Snakefile"), "--directory", str(work), "--configfile", "changed.yaml", "-n"], work)
+    return _planned(out)
+
+
+def test_unchanged_config_has_nothing_to_do(finished):
+    config = yaml.safe_load((finished / "c.yaml").read_text())
+    assert _dry(finished, config) == {}
+
+
+def test_a_finetune_key_reruns_every_finetune_and_what_follows(finished):
+    config = yaml.safe_load((finished / "c.yaml").read_text())
+    config["finetune"]["steps"] += 1
+    planned = _dry(finished, config)
+    # none, l2, l2_sp at two settings, × 2 replicates
+    assert planned.get("finetune") == 4 * 2, planned
+    assert {"aggregate", "report", "activations"} <= set(planned)
+    assert "prepare_task" not in planned and "pretrain_source" not in planned and "estimate_fisher" not in planned
+
+
+def test_a_new_method_adds_its_runs_and_its_fisher_only(finished):
+    config = yaml.safe_load((finished / "c.yaml").read_text())
+    config["grid"]["methods"]["l2_sp_fisher"] = {"alpha": [0.1]}
+    planned = _dry(finished, config)
+    assert planned.get("finetune") == 2, planned  # the new method's two replicates, nothing else
+    assert planned.get("estimate_fisher") == 1
+
+
+def test_a_figure_option_reruns_its_analysis_only(finished):
+    """Fig. 4's option reruns Fig. 4's analysis and the report; the analysis reads the
+    classifiers of replicate 0 of l2 and l2_sp (two settings), which are temporary files, so
+    those three fine-tunes are made again (with the same records) and no other."""
+    config = yaml.safe_load((finished / "c.yaml").read_text())
+    config["figures"]["activations"]["max_images"] = 32
+    planned = _dry(finished, config)
+    assert planned.get("finetune") == 3, planned
+    assert planned.get("activations") == 1 and "report" in planned
+    assert "pretrain_source" not in planned and "prepare_task" not in planned
+
+
+def test_a_deleted_record_is_made_again(finished):
+    config = yaml.safe_load((finished / "c.yaml").read_text())
+    record = next((finished / "results" / "runs" / "main").rglob("l2/*/freeze0/test/rep1/record.json"))
+    backup = record.read_bytes()
+    record.unlink()
+    try:
+        planned = _dry(finished, config)
+        assert planned.get("finetune") == 1 and "aggregate" in planned, planned
+    finally:
+        record.write_bytes(backup)
