@@ -10,11 +10,14 @@ sys.path.insert(0, _SRC)
 # (PYTHONPATH is optional, so it is extended, not asserted with `envvars:`.)
 os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
 
-from spbench.config import ConfigError, RunSpec, expand_runs, main_runs, selection_runs, validate_config
+from spbench.config import ConfigError, RunSpec, expand_runs, main_runs, read_yaml, selection_runs, validate_config
 from spbench.methods import method_class
 from spbench.penalties import PENALTIES
 
 try:
+    # Snakemake's YAML reader keeps the last of a repeated key; read the files again, strictly
+    for _path in [*workflow.overwrite_configfiles, *workflow.configfiles]:
+        read_yaml(_path)
     _validated = validate_config(config, base_dir=Path.cwd())
 except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None

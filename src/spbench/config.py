@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import re
 import itertools
+import math
 from dataclasses import KW_ONLY, dataclass
 from importlib import resources
 from pathlib import Path
@@ -100,6 +101,14 @@ def _merge(defaults: Mapping, config: Mapping) -> dict:
 def load_schema() -> dict:
     text = resources.files("spbench").joinpath("schemas/config.schema.yaml").read_text()
     return yaml.safe_load(text)
+
+
+# JSON Schema counts 2.0 as an integer and NaN as a number; a config should do neither.
+_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many({
+    "integer": lambda checker, x: isinstance(x, int) and not isinstance(x, bool),
+    "number": lambda checker, x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x),
+})
+_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_TYPES)
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -251,10 +260,32 @@ def derive_seed(*parts: Any) -> int:
     return int(digest[:8], 16) % (2**31 - 1)
 
 
-def load_config(path: str | Path) -> dict:
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (plain YAML keeps the last)."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"config key '{key}': given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1} "
+                              f"of {key_node.start_mark.name})")
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML config file; :class:`ConfigError` for a key given twice in one mapping."""
     with open(path) as fh:
-        config = yaml.safe_load(fh)
-    return validate_config(config, base_dir=Path(path).parent)
+        return yaml.load(fh, Loader=_StrictLoader)
+
+
+def load_config(path: str | Path) -> dict:
+    return validate_config(read_yaml(path), base_dir=Path(path).parent)
 
 
 def validate_config(config: Mapping, base_dir: str | Path = ".") -> dict:
@@ -267,7 +298,7 @@ def validate_config(config: Mapping, base_dir: str | Path = ".") -> dict:
         for old, new in renamed.items():
             if isinstance(section, Mapping) and old in section:
                 raise ConfigError(f"config key '{where}.{old}': renamed '{where}.{new}' (every method, penalties included)")
-    validator = jsonschema.Draft202012Validator(load_schema())
+    validator = _VALIDATOR(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
@@ -299,6 +330,15 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
             inspect.signature(builder).bind(**params)
         except TypeError as err:
             raise ConfigError(f"config key 'tasks.{name}': {err}") from None
+        _check_builder_args(name, builder, params)
+
+    _check_paths(config, base_dir)
+    _check_tracking_uri(config["tracking"]["uri"])
+    ft = config["finetune"]
+    for i, milestone in enumerate(ft["lr_milestones"]):
+        if milestone >= ft["steps"]:
+            raise ConfigError(f"config key 'finetune.lr_milestones[{i}]': {milestone} is not before the last step "
+                              f"(finetune.steps = {ft['steps']})")
 
     for name, src in config["sources"].items():
         if src["task"] not in config["tasks"]:
@@ -370,22 +410,85 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
         sel = config["selection"]
         if sel["use_folds"] > sel["folds"]:
             raise ConfigError("config key 'selection.use_folds': more than selection.folds")
+        for target in grid["targets"]:
+            per_class = config["tasks"][target].get("per_class")
+            if isinstance(per_class, int) and sel["folds"] > per_class:
+                raise ConfigError(f"config key 'selection.folds': {sel['folds']} folds, but task {target!r} has "
+                                  f"{per_class} training images per class (every fold needs one of each class)")
     for name, fig in figures.items():
         for i, source in enumerate(fig.get("sources", [])):
             if source not in grid["sources"]:
                 raise ConfigError(f"config key 'figures.{name}.sources[{i}]': {source!r} is not in grid.sources")
     freeze_fig = figures.get("freeze", {})
     for source in grid["sources"]:
-        depths = list(grid["freeze"])
+        depths = [("grid.freeze", d) for d in grid["freeze"]]
         if source in freeze_fig.get("sources", grid["sources"]):
-            depths += freeze_fig.get("depths", [])
+            depths += [("figures.freeze.depths", d) for d in freeze_fig.get("depths", [])]
         arch = config["sources"][source]["arch"]
         limit = freeze_depth_count(arch)
-        for depth in depths:
+        for key, depth in depths:
             if depth > limit:
-                raise ConfigError(
-                    f"config key 'grid.freeze': depth {depth} exceeds the {limit} freezable units of {arch!r}"
-                )
+                raise ConfigError(f"config key '{key}': depth {depth} exceeds the {limit} freezable units of {arch!r}")
+
+
+def _check_builder_args(task: str, builder, params: Mapping[str, Any]) -> None:
+    """A task builder's arguments against its annotations: integers are integers (seeds ≥ 0,
+    counts and sizes ≥ 1), numbers finite and positive (fractions below 1), strings not empty."""
+    signature = inspect.signature(builder)
+    for key, value in params.items():
+        kind = str(signature.parameters[key].annotation)
+        where = f"config key 'tasks.{task}.{key}'"
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where}: must be an integer, not {value!r}")
+            low = 0 if key.endswith("seed") else 1
+            if value < low:
+                raise ConfigError(f"{where}: must be at least {low}, not {value}")
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{where}: must be a positive number, not {value!r}")
+            if "fraction" in key and value >= 1:
+                raise ConfigError(f"{where}: a fraction must be below 1, not {value}")
+        elif kind == "str" and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{where}: must be a non-empty string, not {value!r}")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, not {value!r}")
+        elif kind.startswith(("Sequence[int]", "list[int]")):
+            if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                                               for v in value):
+                raise ConfigError(f"{where}: must be a non-empty list of non-negative integers, not {value!r}")
+            if len(set(value)) != len(value):
+                raise ConfigError(f"{where}: duplicate values {value}")
+
+
+def _check_paths(config: Mapping, base_dir: Path) -> None:
+    """The output folders stay inside the working directory unless ``allow_outside_workdir``."""
+    if config.get("allow_outside_workdir", False):
+        return
+    for key in ("results", "data_dir", "reports"):
+        path = Path(config[key])
+        if path.is_absolute() or ".." in path.parts:
+            raise ConfigError(f"config key '{key}': {config[key]!r} leaves the working directory; set "
+                              "allow_outside_workdir: true to write there")
+
+
+#: MLflow tracking URI schemes the suite accepts (a database store, a file store, a server).
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql")
+
+
+def _check_tracking_uri(uri: str) -> None:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    where = "config key 'tracking.uri'"
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"{where}: {uri!r} is not an MLflow store this suite can use (schemes: {list(TRACKING_SCHEMES)})")
+    if scheme == "sqlite" and not (uri.startswith("sqlite:///") and len(uri) > len("sqlite:///")):
+        raise ConfigError(f"{where}: a SQLite store is written sqlite:///relative/path.db or sqlite:////absolute/path.db, "
+                          f"not {uri!r}")
+    if scheme in ("http", "https") and not parsed.hostname:
+        raise ConfigError(f"{where}: {uri!r} names no host")
 
 
 def candidates(config: Mapping, method: str) -> list[Setting]:
