@@ -22,11 +22,15 @@ later uses are checked against the record; paste the digest into the config to p
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import lzma
 import logging
 import os
 import sys
 import tarfile
+import zipfile
+import zlib
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +43,9 @@ __all__ = [
     "DownloadError",
     "ChecksumError",
     "UnsafeArchiveError",
+    "DamagedArchiveError",
+    "verify_archive",
+    "check_content",
     "parse_checksum",
     "file_digest",
     "verify_file",
@@ -67,6 +74,11 @@ class ChecksumError(DownloadError):
 
 class UnsafeArchiveError(ValueError):
     """An archive member would land outside the target folder (or is a device or pipe)."""
+
+
+class DamagedArchiveError(DownloadError):
+    """A file does not read to its end as what it should be: a truncated or corrupt archive
+    (no end-of-archive marker, a bad compression checksum), a broken zip, an HTML page."""
 
 
 def parse_checksum(checksum: str) -> tuple[str, str]:
@@ -166,8 +178,18 @@ class _Truncated(DownloadError):
     """The connection ended before the announced number of bytes arrived."""
 
 
-def _attempt(url: str, part: Path, *, timeout: float, chunk: int, progress: bool) -> None:
-    """One request: append to ``part`` from its current size (Range), to the end of the file."""
+_HTML_SUFFIXES = (".html", ".htm")
+
+
+def _looks_like_html(head: bytes) -> bool:
+    start = head.lstrip()[:15].lower()
+    return start.startswith((b"<!doctype html", b"<html"))
+
+
+def _attempt(url: str, part: Path, *, timeout: float, chunk: int, progress: bool, name: str = "") -> None:
+    """One request: append to ``part`` from its current size (Range), to the end of the file.
+    An HTML page (by its Content-Type or its first bytes) where ``name`` is not one is refused
+    at once: servers answer errors and logins with status 200 too."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "spbench", "Accept-Encoding": "identity"})
     if have:
@@ -188,6 +210,10 @@ def _attempt(url: str, part: Path, *, timeout: float, chunk: int, progress: bool
             if not content_range.startswith(f"bytes {have}-"):
                 raise DownloadError(f"{url}: resume at byte {have} answered with Content-Range {content_range!r}")
             log.info("%s: resuming at byte %d", url, have)
+        html_expected = name.lower().endswith(_HTML_SUFFIXES)
+        if response.headers.get_content_type() == "text/html" and not html_expected:
+            raise DamagedArchiveError(f"{url}: the server sent an HTML page (Content-Type text/html), not {name}: "
+                                      "an error or login page?")
         length = response.headers.get("Content-Length")
         expected = int(length) if length is not None else None
         bar = _Progress(part.name.removesuffix(".part"), have + expected if expected is not None else None, have, progress)
@@ -195,12 +221,15 @@ def _attempt(url: str, part: Path, *, timeout: float, chunk: int, progress: bool
         try:
             with open(part, mode) as out:
                 while block := response.read(chunk):
+                    if received == 0 and have == 0 and not html_expected and _looks_like_html(block[:64]):
+                        raise DamagedArchiveError(f"{url}: the server sent an HTML page, not {name}: an error or "
+                                                  "login page?")
                     out.write(block)
                     received += len(block)
                     bar.update(len(block))
         finally:
             bar.close()
-        if expected is not None and received < expected:
+        if expected is not None and received != expected:
             raise _Truncated(f"{url}: connection closed after {have + received} of {have + expected} bytes")
 
 
@@ -233,8 +262,11 @@ def fetch(
     part = dest.with_name(dest.name + ".part")
     for attempt in range(retries + 1):
         try:
-            _attempt(url, part, timeout=timeout, chunk=chunk, progress=progress)
+            _attempt(url, part, timeout=timeout, chunk=chunk, progress=progress, name=dest.name)
             break
+        except DamagedArchiveError:
+            part.unlink(missing_ok=True)
+            raise
         except Exception as err:  # noqa: BLE001 - sorted into transient and permanent below
             if not _is_transient(err):
                 raise DownloadError(f"{url}: {err}") from err
@@ -244,8 +276,12 @@ def fetch(
             log.warning("%s: %s; retry %d/%d in %.1f s", url, err, attempt + 1, retries, wait)
             time.sleep(wait)
     try:
+        # before a first-use digest is recorded, the file must read to its end as what it is
+        # (a published checksum proves that by itself; extraction checks archives again)
+        if parse_checksum(checksum)[0] == TOFU:
+            check_content(part, dest.name)
         verify_file(part, checksum, record_to=_sidecar(dest))
-    except ChecksumError:
+    except (ChecksumError, DamagedArchiveError):
         part.unlink(missing_ok=True)
         raise
     os.replace(part, dest)
@@ -289,18 +325,84 @@ def check_tar_members(members) -> None:
                 raise UnsafeArchiveError(f"archive member {m.name!r} is a {kind} link to {m.linkname!r}, outside the folder")
 
 
+def _check_tar_end(tar: tarfile.TarFile, archive) -> None:
+    """After the last member: tar's end-of-archive marker (two zero blocks), then the rest of
+    the stream read to its end, which checks a compressed archive's checksum (gzip's CRC).
+    A tar cut exactly at a member boundary reads as a shorter, valid one without this."""
+    try:
+        tar.fileobj.seek(tar.offset)
+        end = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+        while tar.fileobj.read(1 << 20):
+            pass
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise DamagedArchiveError(f"{archive}: damaged archive ({err})") from err
+    if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
+        raise DamagedArchiveError(f"{archive}: no end-of-archive marker after member {len(tar.getmembers())}: "
+                                  "the archive is truncated")
+
+
+def verify_archive(archive: str | os.PathLike) -> int:
+    """Read a tar archive (any compression) to its end: every member's data, the end-of-archive
+    marker, the compression's checksum. Returns the member count; :class:`DamagedArchiveError`
+    otherwise."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            count = 0
+            for member in tar:
+                count += 1
+                if member.isfile():
+                    data = tar.extractfile(member)
+                    while data.read(1 << 20):
+                        pass
+            _check_tar_end(tar, archive)
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as err:
+        raise DamagedArchiveError(f"{archive}: damaged archive ({err})") from err
+    return count
+
+
+def check_content(path: str | os.PathLike, name: str) -> None:
+    """What a downloaded file named ``name`` must be, checked to its end before its digest is
+    recorded: a tar archive reads whole (:func:`verify_archive`); a zip (PyTorch's
+    ``.pt``/``.pth`` format) has an intact central directory and member CRCs; and no file
+    but an HTML one is an HTML page."""
+    path = Path(path)
+    lower = name.lower()
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if not lower.endswith(_HTML_SUFFIXES) and _looks_like_html(head):
+        raise DamagedArchiveError(f"{path}: an HTML page, not {name}")
+    if lower.endswith(ARCHIVE_SUFFIXES):
+        verify_archive(path)
+    elif lower.endswith((".zip", ".pt", ".pth")) and head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+            raise DamagedArchiveError(f"{path}: damaged zip ({err})") from err
+        if bad is not None:
+            raise DamagedArchiveError(f"{path}: damaged zip member {bad!r}")
+
+
 def extract_archive(archive: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Unpack the tar ``archive`` into ``out_dir`` (replaced), after checking every member.
 
-    Nothing appears at ``out_dir`` unless the whole archive was checked and unpacked."""
+    Nothing appears at ``out_dir`` unless the whole archive was checked, unpacked and read to
+    its end (end-of-archive marker, compression checksum: :func:`_check_tar_end`)."""
     archive, out_dir = Path(archive), Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "r:*") as tar:
-        members = tar.getmembers()
+        try:
+            members = tar.getmembers()
+        except (OSError, EOFError, tarfile.TarError, zlib.error) as err:
+            raise DamagedArchiveError(f"{archive}: damaged archive ({err})") from err
         check_tar_members(members)
         with atomic_directory(out_dir) as tmp:
             # filter='data' repeats the checks above inside tarfile and drops unsafe modes.
-            tar.extractall(tmp, members=members, filter="data")
+            try:
+                tar.extractall(tmp, members=members, filter="data")
+            except (EOFError, tarfile.TarError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as err:
+                raise DamagedArchiveError(f"{archive}: damaged archive ({err})") from err
+            _check_tar_end(tar, archive)
     log.info("%s: %d members -> %s", archive, len(members), out_dir)
     return out_dir
 
