@@ -102,9 +102,15 @@ def normalize_fisher(fisher: Mapping[str, Tensor], mode: str) -> dict[str, Tenso
 
 
 def save_fisher(path, fisher: Mapping[str, Tensor], meta: Mapping) -> None:
-    torch.save({"fisher": {n: f.detach().cpu() for n, f in fisher.items()}, "meta": dict(meta)}, path)
+    """The Fisher diagonal and its metadata, sealed with their content digest."""
+    from .integrity import save_sealed
+
+    save_sealed(path, {"fisher": {n: f.detach().cpu() for n, f in fisher.items()}, "meta": dict(meta)})
 
 
 def load_fisher(path) -> tuple[dict[str, Tensor], dict]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    """(diagonal, metadata) of :func:`save_fisher`'s file, after checking its digest."""
+    from .integrity import load_sealed
+
+    blob = load_sealed(path)
     return blob["fisher"], blob["meta"]

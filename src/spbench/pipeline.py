@@ -23,6 +23,7 @@ from .config import RunSpec, derive_seed, parse_setting
 from .data import fold_split, load_task, prepare_task
 from .datasets import RAW_INPUTS, convert_weights
 from .download import input_path
+from .integrity import DamagedArtifactError, load_sealed, save_sealed
 from .fisher import estimate_fisher, load_fisher, normalize_fisher, save_fisher
 from .models import apply_freeze, build_model, split_parameters
 from .methods import MethodContext, make_method, method_class
@@ -66,23 +67,15 @@ def device_name(device: torch.device) -> str:
 
 
 def save_checkpoint(path, state: Mapping[str, Any]) -> None:
-    """Write a checkpoint so that ``path`` holds either the whole old or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(dict(state), tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a checkpoint, sealed with its content digest, so that ``path`` holds either the
+    whole old or the whole new one."""
+    save_sealed(path, dict(state))
 
 
 def load_checkpoint(path) -> dict[str, Any]:
-    """A checkpoint of :func:`save_checkpoint`, on the CPU (loading copies it to the model's device)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint of :func:`save_checkpoint`, on the CPU (loading copies it to the model's
+    device), after checking its digest."""
+    return load_sealed(path, rebuild="remove it to start the run afresh")
 
 
 def prepare_task_from_config(config: Mapping, task: str, out_dir) -> Path:
@@ -159,7 +152,7 @@ def compute_fisher(config: Mapping, source: str, model_path, task_dir, out_path)
     opts = config["fisher"]
     set_determinism(opts["seed"], threads=config["finetune"]["threads"])
     dev = resolve_device(config["finetune"]["device"])
-    model, _ = load_source(model_path)
+    model, source_blob = load_source(model_path)
     model.to(dev)
     _, xs, _ = task_inputs(config, task_dir)  # central crops, no augmentation
     x = xs[opts["split"]]
@@ -181,18 +174,12 @@ def compute_fisher(config: Mapping, source: str, model_path, task_dir, out_path)
         "m": len(x),
         "split": opts["split"],
         "seconds": time.perf_counter() - start,
-        "source_model_sha": _file_digest(model_path),
+        "source_model_sha256": source_blob["content_sha256"],
     }
     save_fisher(out_path, fisher, meta)
     flat = torch.cat([f.flatten() for f in fisher.values()])
     log.info("Fisher of %s: m=%d, mean %.3g, max/mean %.1f", source, len(x), flat.mean(), flat.max() / flat.mean())
     return meta
-
-
-def _file_digest(path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def run_config(config: Mapping, spec: RunSpec) -> dict[str, Any]:
@@ -258,7 +245,7 @@ def finetune_run(
     _, source_x, source_y = task_inputs(config, source_dir, device=dev)
     info = json.loads(Path(source_info).read_text())
 
-    src_model, _ = load_source(source_model)
+    src_model, source_blob = load_source(source_model)
     model = build_model(info["arch"], target_meta["num_classes"], info["in_channels"])  # head: seeded random init
     model.backbone.load_state_dict(src_model.backbone.state_dict())
     model.to(dev)
@@ -273,6 +260,10 @@ def finetune_run(
         if fisher_path is None:
             raise ValueError(f"method {spec.method!r} needs the source's Fisher file")
         raw, fisher_meta = load_fisher(fisher_path)
+        if fisher_meta.get("source_model_sha256") != source_blob["content_sha256"]:
+            raise DamagedArtifactError(
+                f"{fisher_path} was estimated on another {source_model} (its recorded source digest differs); "
+                "remove it and rerun snakemake to estimate it again")
         # rescaled over the whole backbone, then restricted to S: α means the same whatever
         # sp_scope and the freeze depth leave in S
         whole = normalize_fisher(raw, config["fisher"]["normalize"])
@@ -388,8 +379,9 @@ def finetune_run(
         "train_loss": history.loss,
     }
     if model_out is not None:
-        torch.save({"state_dict": model.state_dict(), "arch": info["arch"], "num_classes": target_meta["num_classes"],
-                    "in_channels": info["in_channels"], "run_key": spec.key}, model_out)
+        save_sealed(model_out, {"state_dict": model.state_dict(), "arch": info["arch"],
+                                "num_classes": target_meta["num_classes"], "in_channels": info["in_channels"],
+                                "run_key": spec.key})
     write_record(record_out, record)
     if checkpoint_path is not None:
         Path(checkpoint_path).unlink(missing_ok=True)
@@ -458,7 +450,7 @@ def activation_table(config: Mapping, source: str, source_model, target_dir, fin
     rows = []
     for label, path in finetuned.items():
         method, setting = label.split(":")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = load_sealed(path)
         model = build_model(blob["arch"], blob["num_classes"], blob["in_channels"])
         model.load_state_dict(blob["state_dict"])
         for row in unit_r2(pretrained.backbone, model.backbone, images):

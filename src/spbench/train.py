@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .integrity import load_sealed, save_sealed
 from .methods import Forward, Method, MethodContext, SetupData, make_method, record_outputs
 from .models import Classifier, build_model, split_parameters
 
@@ -344,23 +345,22 @@ def pretrain(
     return model, history
 
 
-def save_source(path, model: Classifier, *, arch: str, in_channels: int, meta: dict) -> None:
-    """A source checkpoint: the whole classifier (backbone and its own source head)."""
-    torch.save(
-        {
-            "state_dict": model.state_dict(),
-            "arch": arch,
-            "num_classes": model.head.out_features,
-            "in_channels": in_channels,
-            "meta": meta,
-        },
-        path,
-    )
+def save_source(path, model: Classifier, *, arch: str, in_channels: int, meta: dict) -> str:
+    """A source checkpoint: the whole classifier (backbone and its own source head), sealed
+    with its content digest (:mod:`spbench.integrity`), which is returned."""
+    return save_sealed(path, {
+        "state_dict": model.state_dict(),
+        "arch": arch,
+        "num_classes": model.head.out_features,
+        "in_channels": in_channels,
+        "meta": meta,
+    })
 
 
 def load_source(path) -> tuple[Classifier, dict]:
-    """Rebuild a source classifier from :func:`save_source`'s file (weights only)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    """Rebuild a source classifier from :func:`save_source`'s file (weights only), after
+    checking its digest; the blob's ``content_sha256`` is that digest."""
+    blob, digest = load_sealed(path, with_digest=True)
     model = build_model(blob["arch"], blob["num_classes"], blob["in_channels"])
     model.load_state_dict(blob["state_dict"])
-    return model, blob
+    return model, {**blob, "content_sha256": digest}
