@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -48,7 +49,9 @@ FINAL_METRICS = (
     "wall_seconds",
     "images_per_second",
 )
-TAG_FIELDS = ("penalty", "source", "target", "replicate", "freeze")
+#: Record fields logged as run tags (for filtering in the MLflow UI): the method and the
+#: canonical text of its setting (spbench.config.format_setting) among them.
+TAG_FIELDS = ("method", "setting", "source", "target", "replicate", "freeze")
 
 
 def _bound_http_retries() -> None:
@@ -242,6 +245,40 @@ def server_command(
     return cmd
 
 
+def auth_environment(folder: Path, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment of a ``--basic-auth`` server: MLflow's auth app reads its settings from
+    ``MLFLOW_AUTH_CONFIG_PATH`` (here, unless set, ``folder/basic_auth.ini``, its user store
+    ``folder/basic_auth.db`` beside the tracking store, anonymous requests refused, every
+    signed-in user may read; the CSRF key ``MLFLOW_FLASK_SERVER_SECRET_KEY``, unless set, made
+    once into ``folder/flask_secret_key``) and creates the admin user ``MLFLOW_AUTH_ADMIN_USERNAME``
+    (default ``admin``) on first start with the password ``MLFLOW_AUTH_ADMIN_PASSWORD``, which
+    must be set: there is no default password."""
+    if not environ.get("MLFLOW_AUTH_ADMIN_PASSWORD") and not environ.get("MLFLOW_AUTH_CONFIG_PATH"):
+        raise ValueError("--basic-auth needs the admin's password in MLFLOW_AUTH_ADMIN_PASSWORD (used when the "
+                         "user store is created) or a settings file in MLFLOW_AUTH_CONFIG_PATH")
+    out = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    if not environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        # the auth app's CSRF protection needs a key that survives restarts: made once, kept
+        # beside the user store, readable by its owner only
+        key_file = folder / "flask_secret_key"
+        if not key_file.exists():
+            key_file.touch(mode=0o600)
+            key_file.write_text(secrets.token_hex(32))
+        out["MLFLOW_FLASK_SERVER_SECRET_KEY"] = key_file.read_text().strip()
+    if environ.get("MLFLOW_AUTH_CONFIG_PATH"):
+        return out
+    ini = folder / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+        f"admin_username = {environ.get('MLFLOW_AUTH_ADMIN_USERNAME', 'admin')}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return {**out, "MLFLOW_AUTH_CONFIG_PATH": str(ini)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m spbench.tracking serve|sync``: start the tracking server, or log the runs
     whose records MLflow lacks (after an outage)."""
@@ -263,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.store.startswith("sqlite:///"):
             Path(args.store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         Path(args.artifacts).mkdir(parents=True, exist_ok=True)
+        if args.basic_auth:
+            try:
+                os.environ.update(auth_environment(Path(args.artifacts).resolve().parent))
+            except ValueError as err:
+                parser.error(str(err))
         cmd = server_command(
             store=args.store, artifacts=args.artifacts, host=args.host, port=args.port, workers=args.workers, basic_auth=args.basic_auth
         )
