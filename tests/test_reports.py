@@ -619,6 +619,24 @@ def test_selection_over_a_non_alpha_hyper_parameter(runs, gen):
     assert [v for (m, _), v in labels.items() if m == "lwf"] == ["lwf (λ=2, T=2)", "lwf (λ=10, T=2)"]
 
 
+def test_a_method_selected_differently_per_target_is_one_column_and_one_legend_entry(runs, gen):
+    """Selection chose λ = 10 on k5 and λ = 2 on k10: Tables 2 and 3 keep one `lwf` column,
+    each cell naming its setting; Fig. 2 has one legend entry for LwF."""
+    both = pd.concat([runs, _lwf_selection(gen)], ignore_index=True)
+    t2, t3 = reports.table2(both), reports.table3(both)
+    assert reports.method_columns(t2)[("lwf", "lambda=10.0,lr=0.05,temperature=2.0")] == "lwf"
+    for table in (reports.render_table2(t2), reports.render_table3(t3)):
+        body = _md_rows(table)
+        assert body[0].count("lwf") == 1 and not any(h.startswith("lwf (") for h in body[0])
+        column = body[0].index("lwf")
+        cells = {row[1]: row[column] for row in body[1:]}
+        assert "(λ=10, T=2)" in cells[K5] and "(λ=2, T=2)" in cells[K10]
+        assert "differs between rows" in table.splitlines()[0]
+    # the penalties, each one setting throughout, show none
+    assert "(α=" not in reports.render_table2(reports.table2(runs))
+    assert _legend(reports.fig2(both)) == ("method", [*PENALTIES, "lwf"])
+
+
 # --------------------------------------------------------------------------- paper numbers
 
 

@@ -82,6 +82,7 @@ __all__ = [
     "paired_differences",
     "overhead_table",
     "setting_labels",
+    "method_columns",
     "render_table2",
     "render_table3",
     "render_selection",
@@ -596,6 +597,21 @@ def setting_labels(cells: pd.DataFrame) -> dict[tuple[str, str], str]:
     return labels
 
 
+def method_columns(cells: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """The column (or legend entry) of each (method, setting) in ``cells``, in report order.
+
+    A method with at most one setting per (source, target) gets one column, named by the
+    method, whatever setting each row chose (model selection may choose differently per
+    target; the cells then say which). A method with several settings in one row (no
+    selection: every listed setting was run) gets a column per setting, labelled as
+    :func:`setting_labels` does.
+    """
+    labels = setting_labels(cells)
+    per_row = cells.groupby(["source", "target", "method"], sort=False)["setting"].nunique()
+    several = set(per_row[per_row > 1].index.get_level_values("method"))
+    return {(m, text): (label if m in several else m) for (m, text), label in labels.items()}
+
+
 def _setting_text(method: str, setting: str) -> str:
     parts = _hparam_parts(setting, True)
     return f"{method} ({', '.join(parts)})"
@@ -731,35 +747,44 @@ def _cells_display(
     paper: Mapping[tuple[str, str], Mapping[str, str]] | None = None,
     paper_extra: Mapping[tuple[str, str], Sequence[str]] | None = None,
 ) -> _Display:
-    """Rows (source, target), one column per setting; optional rows "(paper)" after ours."""
-    labels = setting_labels(cells)
+    """Rows (source, target), one column per method (:func:`method_columns`); a method whose
+    setting differs between rows shows each cell's setting under its numbers; optional rows
+    "(paper)" after ours."""
+    columns = method_columns(cells)
+    names = list(dict.fromkeys(columns.values()))
+    method_of = {col: m for (m, _), col in columns.items()}
+    varying = {col for col in names if sum(c == col for c in columns.values()) > 1}
     n_max = int(cells["n"].max())
     delta = _has_delta(cells)
-    multi = {m for m, _ in labels if sum(q == m for q, _ in labels) > 1}
-    lookup = {(r.source, r.target, r.method, r.setting): r for r in cells.itertuples(index=False)}
-    header = ["source", "target", *(h for _, h in extra_columns), *labels.values()]
+    multi = {m for m in method_of.values() if sum(q == m for q in method_of.values()) > 1}
+    lookup = {(r.source, r.target, columns[(r.method, r.setting)]): r for r in cells.itertuples(index=False)}
+    header = ["source", "target", *(h for _, h in extra_columns), *names]
     table = _Display(name, title, caption, header, ["l", "l"] + ["r"] * (len(header) - 2))
     for source, target in _pairs(cells):
         in_row = cells[(cells["source"] == source) & (cells["target"] == target)]
         line: list[str | tuple[str, ...]] = [source, target]
         line += [format(float(in_row[c].mean()), ".2f") for c, _ in extra_columns]
-        for setting in labels:
-            r = lookup.get((source, target, *setting))
+        for col in names:
+            r = lookup.get((source, target, col))
             if r is None:
                 line.append("—")
                 continue
-            text = _fmt_mean_std(r.mean, r.std, int(r.n), n_max, fmt)
+            lines = [_fmt_mean_std(r.mean, r.std, int(r.n), n_max, fmt)]
+            if col in varying:
+                lines.append(f"({', '.join(_hparam_parts(r.setting, False))})")
             if delta and not math.isnan(r.delta):
-                line.append((text, _delta_text(r)))
-            elif delta and r.is_baseline and setting[0] in multi:
-                line.append((text, "(Δ reference)"))
-            else:
-                line.append(text)
+                lines.append(_delta_text(r))
+            elif delta and r.is_baseline and method_of[col] in multi:
+                lines.append("(Δ reference)")
+            line.append(tuple(lines) if len(lines) > 1 else lines[0])
         table.add(line)
         numbers = (paper or {}).get((source, target))
-        if numbers and any(p in numbers for p, *_ in labels):
+        if numbers and any(method_of[c] in numbers for c in names):
             extra = list((paper_extra or {}).get((source, target), [""] * len(extra_columns)))
-            table.add([source, f"{target} (paper)", *extra, *(numbers.get(p, "") for p, *_ in labels)])
+            table.add([source, f"{target} (paper)", *extra, *(numbers.get(method_of[c], "") for c in names)])
+    if varying:
+        table.caption += (" A method whose selected setting differs between rows shows each cell's setting "
+                          "(its hyper-parameters) under the accuracy.")
     return table
 
 
@@ -1016,10 +1041,11 @@ def fig1(
 
 
 def fig2(runs: pd.DataFrame):
-    """Fig. 2: target test accuracy (%) per target, one colour per method setting.
+    """Fig. 2: target test accuracy (%) per target, one colour per method.
 
-    One facet per source; x = target, hue = setting (the reported settings of Table 2,
-    labelled as there, in :data:`METHOD_ORDER`; legend title "method"); a point with error
+    One facet per source; x = target, hue = method (the columns of Table 2,
+    :func:`method_columns`: one legend entry per method, whatever setting selection chose on
+    each target; in :data:`METHOD_ORDER`; legend title "method"); a point with error
     bar = mean ± sample std (ddof = 1) over replicates, small dots = the individual
     replicates. Test runs with ``freeze == 0`` only. Returns a
     :class:`matplotlib.figure.Figure` not managed by pyplot (no GUI backend, nothing global
@@ -1032,13 +1058,13 @@ def fig2(runs: pd.DataFrame):
     _check_runs(runs, _required("test_accuracy"), "fig2")
     runs = _slim(runs, "test_accuracy")
     sel = _reported(_test_runs(runs, "fig2"), _selected_or_none(runs), "fig2")
-    labels = setting_labels(sel)
+    labels = method_columns(sel)
     data = sel[GROUP].copy()
     data["setting"] = [labels[(m, text)] for m, text in sel[SETTING].itertuples(index=False)]
     data["accuracy"] = sel["test_accuracy"].astype(float) * 100.0
     sources = sorted(data["source"].unique(), key=_natural_key)
     targets = sorted(data["target"].unique(), key=_natural_key)
-    hue_order = list(labels.values())
+    hue_order = list(dict.fromkeys(labels.values()))
     palette = _palette(hue_order)
     # stripplot's dodge splits a width of 0.8 into len(hue_order) slots; this pointplot
     # dodge puts each mean on the centre of its slot.
