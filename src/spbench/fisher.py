@@ -13,11 +13,15 @@ Per-example gradients come from ``torch.func`` (``vmap`` of ``grad``) over chunk
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+log = logging.getLogger(__name__)
 
 __all__ = ["estimate_fisher", "normalize_fisher", "save_fisher", "load_fisher", "ESTIMATORS"]
 
@@ -61,6 +65,7 @@ def estimate_fisher(
     per_example_grad = vmap(grad(log_prob), in_dims=(None, 0, 0))
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     m = len(images)
+    started = time.perf_counter()
     try:
         for start in range(0, m, batch_size):
             x = images[start : start + batch_size]
@@ -80,6 +85,11 @@ def estimate_fisher(
                 w = weights[:, j]
                 for n, gn in g.items():
                     fisher[n] += torch.einsum("b,b...->...", w, gn.pow(2))
+            done = start + len(x)
+            if done * 10 // m != start * 10 // m:  # progress each tenth of the images, with an estimate
+                spent = time.perf_counter() - started
+                log.info("Fisher: %d/%d images (%d%%), %.0f s, about %.0f s left", done, m, 100 * done // m,
+                         spent, spent / done * (m - done))
     finally:
         for mod, training in modes.items():
             mod.training = training
