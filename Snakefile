@@ -35,3 +35,7 @@ rule all:
         # only feeds an up-to-date output (runs.parquet); a requested one it does
         all_records,
     default_target: True
+
+
+onsuccess:
+    print_summary()

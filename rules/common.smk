@@ -162,6 +162,18 @@ def final_outputs():
     return [f"{RESULTS}/runs.parquet", *analysis_tables().values(), *report_files()]
 
 
+def print_summary():
+    """After a successful run: where the tables and figures are, their headline, and how to
+    open the MLflow runs (spbench.reports.summary)."""
+    parquet = Path(RESULTS) / "runs.parquet"
+    if not parquet.exists() or not (Path(REPORTS) / "table2.md").exists():
+        return
+    from spbench.reports import summary
+    from spbench.results import read_parquet
+
+    print(summary(read_parquet(parquet), REPORTS, tracking_uri=config["tracking"]["uri"]), file=sys.stderr)
+
+
 def category(path):
     return "Figures" if path.endswith(".png") else "Tables"
 

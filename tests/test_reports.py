@@ -1144,3 +1144,17 @@ def test_public_api_is_explicit():
         obj = getattr(reports, name)
         if callable(obj) and not isinstance(obj, type):
             assert obj.__doc__, name
+
+
+def test_summary_says_where_and_the_headline(runs, tmp_path):
+    (tmp_path / "fig2.png").write_bytes(b"")
+    text = reports.summary(runs, tmp_path, tracking_uri="sqlite:///results/mlflow.db")
+    assert f"{tmp_path / 'table2.md'}" in text and f"{tmp_path / 'table3.md'}" in text
+    assert f"{tmp_path / 'fig2.png'}" in text
+    assert "ui --backend-store-uri sqlite:///results/mlflow.db" in text
+    t2 = reports.table2(runs)
+    cells = t2[~t2["is_baseline"] & t2["delta"].notna()]
+    for method, d in cells.groupby("method"):
+        above = int((d["delta_low"] > 0).sum())
+        assert f"{method} {d['delta'].mean():+.2f} ({above}↑" in text
+    assert "open http://host:5000" in reports.summary(runs, tmp_path, tracking_uri="http://host:5000")

@@ -95,6 +95,7 @@ __all__ = [
     "fig3",
     "fig4",
     "write_reports",
+    "summary",
     "main",
 ]
 
@@ -1297,6 +1298,43 @@ def write_reports(
         paths += [png, pdf]
     logger.info("wrote %d files into %s", len(paths), out)
     return paths
+
+
+def summary(runs: pd.DataFrame, reports_dir: str | os.PathLike, *, tracking_uri: str | None = None,
+            baseline: str = "l2") -> str:
+    """What a finished workflow prints: where Tables 2 and 3 and the figures are, the
+    headline (each method's mean paired difference of test accuracy to ``baseline`` over the
+    (source, target) cells of Table 2, in percentage points, with how many cells' intervals
+    lie above and below 0), and the command that opens the MLflow UI on ``tracking_uri``."""
+    out = Path(reports_dir)
+    lines = ["spbench: finished.", f"  Table 2 (target test accuracy):  {out / 'table2.md'}  (also .tex, .html, .csv)",
+             f"  Table 3 (source accuracy drop):  {out / 'table3.md'}"]
+    figures = sorted(out.glob("fig*.png"))
+    if figures:
+        lines.append(f"  Figures: {', '.join(str(f) for f in figures)}")
+    try:
+        t2 = table2(runs, baseline=baseline)
+    except (InsufficientDataError, ValueError):
+        t2 = None
+    if t2 is not None and _has_delta(t2):
+        cells = t2[~t2["is_baseline"].astype(bool) & t2["delta"].notna()]
+        parts = []
+        for method in sorted(cells["method"].unique(), key=_method_key):
+            d = cells[cells["method"] == method]
+            above, below = int((d["delta_low"] > 0).sum()), int((d["delta_high"] < 0).sum())
+            parts.append(f"{method} {d['delta'].mean():+.2f} ({above}↑ {below}↓ of {len(d)})")
+        lines.append(f"  Headline: mean paired Δ test accuracy vs {baseline}, percentage points (cells whose "
+                     f"95 % interval lies above ↑ / below ↓ 0):")
+        lines += [f"    {p}" for p in parts]
+    if tracking_uri:
+        where = tracking_uri if tracking_uri.startswith(("http://", "https://")) else None
+        if where:
+            lines.append(f"  MLflow runs: open {where}")
+        else:
+            mlflow = Path(sys.executable).with_name("mlflow")
+            lines.append(f"  MLflow runs: {mlflow if mlflow.exists() else 'mlflow'} ui --backend-store-uri {tracking_uri}"
+                         "   (then open http://127.0.0.1:5000)")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- command line
