@@ -5,7 +5,10 @@ Checks, each against a CPU reference:
   loop and autograd of the explicit Ω give the same gradient;
 - the proximal variants give the same weights on the GPU as on the CPU;
 - the exact and Monte-Carlo Fisher estimators on the demo network (float64) agree with the CPU;
-- a demo fine-tune (training loop, penalty, evaluation) runs on the GPU and its loss falls.
+- a demo fine-tune (training loop, method, evaluation) runs on the GPU and its loss falls;
+- every method of the registry (the penalties, LwF, DELTA, BSS, Co-Tuning): a few training
+  steps on the demo network in float64 (set-up pass, taps, teacher forward, its own
+  parameters) give the same weights on the GPU as on the CPU.
 
 Prints one line per check and a JSON summary; exits 1 if any check fails.
 
@@ -22,9 +25,10 @@ import sys
 import torch
 
 from spbench.fisher import estimate_fisher
+from spbench.methods import METHODS, MethodContext, make_method
 from spbench.models import build_model, split_parameters
 from spbench.penalties import PENALTIES, make_penalty
-from spbench.train import train_steps
+from spbench.train import evaluate, train_steps
 
 
 def _grads(params):
@@ -110,14 +114,48 @@ def check_training(dev) -> dict:
     torch.manual_seed(4)
     model = build_model("demo_resnet", 3, 1).to(dev)
     inh, head = split_parameters(model)
-    pen = make_penalty("l2_sp", inh, head, alpha=0.1, beta=0.01).to(dev)
+    method = make_method("l2_sp", MethodContext(model, inh, head), alpha=0.1, beta=0.01).to(dev)
     x = torch.randn(64, 1, 16, 16, device=dev)
     y = (x.mean(dim=(1, 2, 3)) > 0).long().to(dev)
-    hist = train_steps(model, pen, x, y, steps=100, batch_size=32, lr=0.05, generator=torch.Generator().manual_seed(0),
+    hist = train_steps(model, method, x, y, steps=100, batch_size=32, lr=0.05, generator=torch.Generator().manual_seed(0),
                        log_every=0)
     first, last = sum(hist.loss[:10]) / 10, sum(hist.loss[-10:]) / 10
-    print(f"training on {dev}: loss {first:.3f} -> {last:.3f}", flush=True)
-    return {"first": first, "last": last}
+    acc = evaluate(model, x, y)
+    print(f"training on {dev}: loss {first:.3f} -> {last:.3f}, training accuracy {acc:.3f}", flush=True)
+    return {"first": first, "last": last, "accuracy": acc}
+
+
+def _method_run(name: str, dev, steps: int = 5) -> list[torch.Tensor]:
+    """``steps`` training steps of method ``name`` (float64, demo network, the source network a
+    5-class demo model) on ``dev``; the fine-tuned model's and the method's tensors after."""
+    torch.manual_seed(5)
+    source = build_model("demo_resnet", 5, 1).double()
+    model = build_model("demo_resnet", 3, 1).double()
+    model.backbone.load_state_dict(source.backbone.state_dict())
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(32, 1, 16, 16, generator=g, dtype=torch.float64)
+    y = torch.arange(32) % 3
+    source, model, x, y = source.to(dev).eval(), model.to(dev), x.to(dev), y.to(dev)
+    inherited, head = split_parameters(model)
+    cls = METHODS[name]
+    fisher = {n: torch.rand(p.shape, generator=g, dtype=p.dtype).to(dev) + 0.1 for n, p in inherited.items()} \
+        if cls.needs.fisher else None
+    context = MethodContext(model, inherited, head, source_model=source, fisher=fisher, epsilon=0.05)
+    method = make_method(name, context).to(dev)
+    train_steps(model, method, x, y, steps=steps, batch_size=8, lr=0.05, generator=torch.Generator().manual_seed(7),
+                log_every=0)
+    return [t.detach().cpu() for t in [*model.state_dict().values(), *method.state_dict().values()]
+            if t.is_floating_point()]
+
+
+def check_methods(dev) -> dict:
+    out = {}
+    for name in sorted(METHODS):
+        cpu, gpu = _method_run(name, torch.device("cpu")), _method_run(name, dev)
+        err = max(float((a - b).abs().max() / (a.abs().max() + 1e-30)) for a, b in zip(cpu, gpu))
+        out[name] = err
+        print(f"method {name:14s} max relative difference GPU vs CPU after 5 steps (float64): {err:.2e}", flush=True)
+    return out
 
 
 def main(argv=None) -> int:
@@ -134,11 +172,13 @@ def main(argv=None) -> int:
     summary["prox"] = check_prox(dev)
     summary["fisher"] = check_fisher(dev)
     summary["training"] = check_training(dev)
+    summary["methods"] = check_methods(dev)
     ok = (
         all(v < 1e-4 for v in summary["penalties"].values())
         and all(v < 1e-12 for v in summary["prox"].values())
         and all(v < 1e-9 for v in summary["fisher"].values())
         and summary["training"]["last"] < summary["training"]["first"]
+        and all(v < 1e-8 for v in summary["methods"].values())
     )
     summary["ok"] = ok
     print(json.dumps(summary, indent=2))

@@ -10,6 +10,7 @@ import torch
 
 from spbench.analysis import FLOPS_PER_ELEMENT, conv_layers, penalty_flops, step_overhead, unit_r2
 from spbench.data import fold_split
+from spbench.methods import MethodContext, make_method
 from spbench.models import build_model, split_parameters
 from spbench.penalties import PENALTIES, make_penalty
 
@@ -56,6 +57,10 @@ def test_penalty_flops_counts_elements():
     pen = make_penalty("l2_sp", inherited, head, alpha=0.1, beta=0.01)
     assert penalty_flops(pen) == 3 * n_s + 2 * n_h
     assert penalty_flops(make_penalty("none", inherited, head, alpha=0, beta=0)) == 0
+    # the method that wraps a penalty counts as its penalty
+    method = make_method("l2_sp", MethodContext(model, inherited, head), alpha=0.1, beta=0.01)
+    assert penalty_flops(method) == 3 * n_s + 2 * n_h
+    assert penalty_flops(make_method("none", MethodContext(model, inherited, head))) == 0
 
 
 def test_step_overhead_rows():
@@ -68,6 +73,8 @@ def test_step_overhead_rows():
     assert 0 < by["l2_sp"]["flops_ratio"] < by["gl_sp"]["flops_ratio"] < 1
     assert all(r["step_seconds"] > 0 and r["penalty_seconds"] >= 0 for r in rows)
     assert set(PENALTIES) <= set(FLOPS_PER_ELEMENT)
+    with pytest.raises(ValueError, match="lwf"):
+        step_overhead("demo_resnet", ["lwf"], num_classes=3, in_channels=1, image_size=16, batch_size=4, repeats=1)
 
 
 @pytest.mark.parametrize("folds", [2, 5])

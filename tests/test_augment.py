@@ -10,7 +10,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from spbench.augment import CachedImages, augment_batch
 from spbench.models import build_model, split_parameters
-from spbench.penalties import make_penalty
+from spbench.methods import MethodContext, make_method
 from spbench.train import evaluate, train_steps
 
 H, CROP = 12, 8
@@ -107,11 +107,39 @@ def test_training_loop_runs_on_cached_views():
     y = torch.arange(16) % 2
     model = build_model("demo_resnet", 2, 3)
     inherited, head = split_parameters(model)
-    penalty = make_penalty("l2_sp", inherited, head, alpha=0.1, beta=0.01)
-    history = train_steps(model, penalty, train, y[:12], steps=3, batch_size=4, lr=0.01,
+    method = make_method("l2_sp", MethodContext(model, inherited, head), alpha=0.1, beta=0.01)
+    history = train_steps(model, method, train, y[:12], steps=3, batch_size=4, lr=0.01,
                           generator=torch.Generator().manual_seed(1), log_every=0)
     assert len(history.loss) == 3 and all(np.isfinite(history.loss))
     assert 0.0 <= evaluate(model, test, y[12:]) <= 1.0
+
+
+def test_set_up_pass_reads_the_central_crops():
+    """A method's set-up pass (Co-Tuning's relationship) reads the training view's central
+    crops: the evaluation's images, no randomness, the augmenting view's generator untouched."""
+    torch.manual_seed(0)
+    raw = images(n=12)
+    gen = torch.Generator().manual_seed(0)
+    train = CachedImages(raw, np.arange(12), mean=MEAN, crop=CROP, train=True, generator=gen)
+    central = train.central()
+    plain = CachedImages(raw, np.arange(12), mean=MEAN, crop=CROP)
+    state = gen.get_state()
+    idx = torch.arange(12)
+    torch.testing.assert_close(central[idx], plain[idx], rtol=0, atol=0)
+    torch.testing.assert_close(central[idx], central[idx], rtol=0, atol=0)
+    assert torch.equal(gen.get_state(), state) and train.train and train.generator is gen
+    y = torch.arange(12) % 2
+    source = build_model("demo_resnet", 3, 3).eval()
+    model = build_model("demo_resnet", 2, 3)
+    model.backbone.load_state_dict(source.backbone.state_dict())
+    inherited, head = split_parameters(model)
+    method = make_method("co_tuning", MethodContext(model, inherited, head, source_model=source))
+    train_steps(model, method, train, y, steps=2, batch_size=4, lr=0.01, generator=torch.Generator().manual_seed(1),
+                log_every=0, setup_x=central)
+    with torch.no_grad():
+        probs = torch.softmax(source(plain[idx]).double(), dim=1)
+    expected = torch.stack([probs[y == c].mean(dim=0) for c in range(2)]).to(method.relationship.dtype)
+    torch.testing.assert_close(method.relationship, expected)
 
 
 def test_blur_paths_agree_in_float64():

@@ -67,3 +67,29 @@ def test_fisher_cost_quick(capsys):
         assert _positive(row["images_per_s"]) and _positive(row["median_s"]), name
     for key in ("exact_over_k_grads", "mc1_over_train_b1", "mc1_over_train_batch"):
         assert _positive(res["ratios"][key]), key
+
+
+def _load(script: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{Path(script).stem}", BENCH / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_check_runs_its_training_checks_on_the_cpu(capsys):
+    """cuda_check.py needs a GPU for its verdict; its training checks take any device, so the
+    library calls they make (train_steps on a method, every registered method) are exercised
+    here on the CPU: the loss falls, and the CPU run is its own reference exactly."""
+    import torch
+
+    from spbench.methods import METHODS
+
+    bench = _load("cuda_check.py")
+    cpu = torch.device("cpu")
+    training = bench.check_training(cpu)
+    assert training["last"] < training["first"] and 0.0 <= training["accuracy"] <= 1.0
+    methods = bench.check_methods(cpu)
+    assert set(methods) == set(METHODS) >= set(PENALTIES) | {"lwf", "delta", "bss", "co_tuning"}
+    assert all(err == 0.0 for err in methods.values()), methods
+    if not torch.cuda.is_available():
+        assert bench.main([]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,13 @@ from spbench.config import (
     derive_seed,
     expand_runs,
     fmt_num,
+    format_setting,
     load_config,
+    parse_setting,
     validate_config,
 )
+
+from spbench.methods import method_class
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,9 +46,22 @@ def test_default_config_is_valid_and_gets_defaults(demo):
         (lambda c: c.update(resultz="x"), "resultz"),
         (lambda c: c["finetune"].update(lr=-0.1), "finetune.lr"),
         (lambda c: c["finetune"].update(bn_mode="frozen"), "finetune.bn_mode"),
-        (lambda c: c["grid"]["penalties"].update(l3={"alpha": [1.0], "beta": [0.0]}), "grid.penalties.l3"),
-        (lambda c: c["grid"]["penalties"]["l2_sp"].pop("alpha"), "grid.penalties.l2_sp.alpha"),
-        (lambda c: c["grid"]["penalties"].update(none={"alpha": [0.1]}), "grid.penalties.none"),
+        (lambda c: c["grid"]["methods"].update(l3={"alpha": [1.0], "beta": [0.0]}), "grid.methods.l3"),
+        (lambda c: c["grid"]["methods"]["l2_sp"].update(gamma=[0.1]), "grid.methods.l2_sp.gamma"),
+        (lambda c: c["grid"]["methods"].update(none={"alpha": [0.1]}), "grid.methods.none.alpha"),
+        (lambda c: c["grid"]["methods"].update(bss={"k": [1.5]}), "grid.methods.bss.k[0]"),
+        (lambda c: c["grid"]["methods"].update(bss={"eta": [0.001], "k": [1, 0]}), "grid.methods.bss.k[1]"),
+        (lambda c: c["grid"]["methods"].update(lwf={"temperature": [0.0]}), "grid.methods.lwf.temperature[0]"),
+        (lambda c: c["grid"]["methods"]["l2"].update(alpha=[0.01, 0.01]), "grid.methods.l2.alpha"),
+        (lambda c: c["grid"].update(penalties=c["grid"].pop("methods")), "grid.penalties"),
+        (lambda c: c["figures"]["alpha_beta"].update(penalty=c["figures"]["alpha_beta"].pop("method")),
+         "figures.alpha_beta.penalty"),
+        (lambda c: c["figures"]["freeze"].update(penalties=c["figures"]["freeze"].pop("methods")),
+         "figures.freeze.penalties"),
+        (lambda c: c["figures"]["activations"].update(penalties=c["figures"]["activations"].pop("methods")),
+         "figures.activations.penalties"),
+        (lambda c: c["figures"]["alpha_beta"].update(method="bss"), "figures.alpha_beta.method"),
+        (lambda c: c["grid"]["methods"].pop("lwf") and c["figures"]["freeze"].update(methods=["lwf"]), "figures.freeze"),
         (lambda c: c["grid"]["targets"].append("caltech"), "grid.targets[3]"),
         (lambda c: c["grid"].update(freeze=[9]), "grid.freeze"),
         (lambda c: c["sources"]["digits-src"].update(arch="resnet9000"), "sources.digits-src.arch"),
@@ -62,22 +80,56 @@ def test_bad_config_names_the_key(demo, edit, key):
     assert f"'{key}'" in str(err.value)
 
 
+@pytest.mark.parametrize("old, new", [("grid.penalties", "grid.methods"), ("figures.alpha_beta.penalty", "figures.alpha_beta.method"),
+                                      ("figures.freeze.penalties", "figures.freeze.methods"),
+                                      ("figures.activations.penalties", "figures.activations.methods")])
+def test_renamed_keys_name_the_rename(demo, old, new):
+    """A config written for the penalty-only suite is refused with the key's new name."""
+    *where, leaf = old.split(".")
+    section = demo
+    for part in where:
+        section = section[part]
+    section[leaf] = section.pop(new.rsplit(".", 1)[1])
+    with pytest.raises(ConfigError, match="renamed") as err:
+        validate_config(demo)
+    assert f"'{old}'" in str(err.value) and f"'{new}'" in str(err.value)
+
+
+def test_unlisted_hyper_parameters_take_their_defaults(demo):
+    """alpha and beta are no longer required: a penalty listed without them gets 0.01 each,
+    and a method listed with nothing (or null) gets all its defaults."""
+    demo["grid"]["methods"]["l2_sp"].pop("alpha")
+    demo["grid"]["methods"].update(bss=None, lwf={})
+    config = validate_config(demo)
+    assert candidates(config, "l2_sp") == [{"alpha": 0.01, "beta": 0.01, "lr": 0.05}]
+    assert candidates(config, "none") == [{"lr": 0.05}]
+    assert candidates(config, "bss") == [{"eta": 0.001, "k": 1, "lr": 0.05}]
+    assert candidates(config, "lwf") == [{"lambda": 1.0, "temperature": 2.0, "lr": 0.05}]
+    assert candidates(config, "l2") == [{"alpha": 0.001, "beta": 0.01, "lr": 0.05}, {"alpha": 0.01, "beta": 0.01, "lr": 0.05}]
+
+
 def test_expand_runs_covers_the_study(demo):
-    """Selection runs for every candidate of the tuned penalties, one test-set setting per
-    penalty in the grid, and the figures' runs; keys are unique; `none` has α=β=0."""
+    """Selection runs for every candidate of the tuned methods, one test-set setting per
+    method in the grid, and the figures' runs; keys are unique; `none` has no α or β."""
     config = validate_config(demo)
     with pytest.raises(ValueError, match="selection"):
         expand_runs(config)
-    runs = expand_runs(config, lambda s, t, p: candidates(config, p)[-1])
+    runs = expand_runs(config, lambda s, t, m: candidates(config, m)[-1])
     assert len({r.key for r in runs}) == len(runs)
     select = [r for r in runs if r.experiment == "select"]
-    assert {r.penalty for r in select} == {"l2", "l2_sp", "l2_sp_fisher"}
+    assert {r.method for r in select} == {"l2", "l2_sp", "l2_sp_fisher"}
     assert len(select) == 3 * 2 * 3 and {r.evaluation for r in select} == {"val0"}
     main = [r for r in runs if r.experiment == "main"]
-    assert len(main) == 7 * 3 * 3
-    assert {r.alpha for r in main if r.penalty == "l2_sp"} == {0.1}
-    assert all(r.alpha == r.beta == 0 for r in runs if r.penalty == "none")
-    assert len([r for r in runs if r.experiment == "alpha_beta"]) == 4 * 2
+    # the seven penalties and LwF, DELTA, BSS, Co-Tuning, each at one setting × 3 targets × 3 replicates
+    assert {r.method for r in main} == {"none", "l2", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher",
+                                        "lwf", "delta", "bss", "co_tuning"}
+    assert len(main) == 11 * 3 * 3
+    assert {r.setting_text for r in main if r.method == "bss"} == {"eta=0.001,k=1,lr=0.05"}
+    assert {r.hparams["alpha"] for r in main if r.method == "l2_sp"} == {0.1}
+    assert all(r.hparams == {} and r.setting_text == "lr=0.05" for r in runs if r.method == "none")
+    fig1 = [r for r in runs if r.experiment == "alpha_beta"]
+    assert len(fig1) == 4 * 2
+    assert {(r.hparams["alpha"], r.hparams["beta"]) for r in fig1} == {(a, b) for a in (0.0, 0.01, 0.1, 1.0) for b in (0.0, 0.01)}
     assert sorted({r.freeze for r in runs if r.experiment == "freeze"}) == [1, 2, 3, 4]
 
 
@@ -86,22 +138,63 @@ def test_without_selection_every_candidate_is_a_test_run(demo):
     config = validate_config(demo)
     runs = expand_runs(config)
     assert not [r for r in runs if r.experiment == "select"]
-    assert {r.alpha for r in runs if r.experiment == "main" and r.penalty == "l2_sp"} == {0.01, 0.1}
+    assert {r.hparams["alpha"] for r in runs if r.experiment == "main" and r.method == "l2_sp"} == {0.01, 0.1}
 
 
 def test_run_key_and_seed():
     """The key spells the identity with canonical numbers; the seed depends on (source,
-    target, replicate) only, so penalties are compared on paired seeds."""
-    a = RunSpec("s", "t", "l2_sp", 0.1, 1e-5, 0, 3, lr=0.05)
-    assert a.key == "main/s/t/l2_sp/a0.1_b1e-05_lr0.05/freeze0/test/rep3"
+    target, evaluation, replicate) only, so methods are compared on paired seeds."""
+    setting = {"alpha": 0.1, "beta": 1e-5, "lr": 0.05}
+    a = RunSpec("s", "t", "l2_sp", setting, 0, 3)
+    assert a.key == "main/s/t/l2_sp/alpha=0.1,beta=1e-05,lr=0.05/freeze0/test/rep3"
+    assert a.setting_text == "alpha=0.1,beta=1e-05,lr=0.05"
+    assert a.hparams == {"alpha": 0.1, "beta": 1e-5} and a.lr == 0.05
+    assert RunSpec("s", "t", "l2_sp", {"lr": 0.05, "beta": 1e-5, "alpha": 0.1}, 0, 3) == a  # order-free
     assert fmt_num(float("0.10")) == "0.1"
-    b = RunSpec("s", "t", "l2", 0.01, 0.01, 2, 3, lr=0.01, experiment="freeze")
+    b = RunSpec("s", "t", "l2", {"alpha": 0.01, "beta": 0.01, "lr": 0.01}, 2, 3, experiment="freeze")
     assert a.seed == b.seed
-    assert a.seed != RunSpec("s", "t", "l2_sp", 0.1, 1e-5, 0, 4, lr=0.05).seed
-    assert a.seed != RunSpec("s", "u", "l2_sp", 0.1, 1e-5, 0, 3, lr=0.05).seed
-    assert a.seed != RunSpec("s", "t", "l2_sp", 0.1, 1e-5, 0, 3, lr=0.05, evaluation="val0").seed
+    assert a.seed == RunSpec("s", "t", "lwf", {"lambda": 1.0, "temperature": 2.0, "lr": 0.01}, 0, 3).seed
+    assert a.seed != RunSpec("s", "t", "l2_sp", setting, 0, 4).seed
+    assert a.seed != RunSpec("s", "u", "l2_sp", setting, 0, 3).seed
+    assert a.seed != RunSpec("s", "t", "l2_sp", setting, 0, 3, evaluation="val0").seed
     with pytest.raises(ValueError):
-        RunSpec("s", "t", "l2_sp", 0.1, 1e-5, 0, 3, lr=0.05, evaluation="train")
+        RunSpec("s", "t", "l2_sp", setting, 0, 3, evaluation="train")
     with pytest.raises(ValueError):
-        RunSpec("s", "t", "l2_sp", 0.1, 1e-5, 0, 3, lr=0.05, experiment="fig9")
+        RunSpec("s", "t", "l2_sp", setting, 0, 3, experiment="fig9")
+    with pytest.raises(ValueError, match="lr"):
+        RunSpec("s", "t", "l2_sp", {"alpha": 0.1, "beta": 1e-5}, 0, 3)
     assert derive_seed("x", 1) == derive_seed("x", 1) != derive_seed("x", 2)
+
+
+def test_run_path_roundtrip():
+    """A run's key is RunSpec.PATTERN filled with its wildcards; from_wildcards reads it back,
+    and refuses a setting that is not in canonical form (two paths for one run)."""
+    a = RunSpec("s", "t", "bss", {"eta": 0.001, "k": 2, "lr": 0.05}, 1, 0, evaluation="val2", experiment="select")
+    assert a.key == "select/s/t/bss/eta=0.001,k=2,lr=0.05/freeze1/val2/rep0"
+    assert a.key == RunSpec.PATTERN.format(**a.wildcards)
+    assert set(a.wildcards) == set(RunSpec.WILDCARDS)
+    for name, value in a.wildcards.items():
+        assert re.fullmatch(RunSpec.WILDCARDS[name], value), name
+    assert RunSpec.from_wildcards(a.wildcards) == a
+    for bad in ("k=2,eta=0.001,lr=0.05", "eta=1e-3,k=2,lr=0.05", "eta=0.001,k=2,lr=.05", "eta=0.001,k=2,lr=0.05,"):
+        with pytest.raises(ValueError):
+            RunSpec.from_wildcards({**a.wildcards, "setting": bad})
+    # k=2.0 is the canonical text of a float: the path parses, and the method refuses it
+    # (the workflow's get_run_spec resolves the hyper-parameters of every requested path)
+    spec = RunSpec.from_wildcards({**a.wildcards, "setting": "eta=0.001,k=2.0,lr=0.05"})
+    with pytest.raises(ValueError, match="integer"):
+        method_class("bss").resolve_hparams(spec.hparams)
+
+
+def test_setting_text():
+    """Sorted name=value pairs; floats in repr form, ints as integers; parse is its inverse
+    and refuses anything but the canonical text."""
+    setting = {"lr": 0.05, "k": 3, "eta": 1e-05, "beta": 0.0}
+    text = format_setting(setting)
+    assert text == "beta=0.0,eta=1e-05,k=3,lr=0.05"
+    assert parse_setting(text) == setting
+    assert type(parse_setting(text)["k"]) is int and type(parse_setting(text)["beta"]) is float
+    assert format_setting({"alpha": 1}) == "alpha=1" and format_setting({"alpha": 1.0}) == "alpha=1.0"
+    for bad in ("lr=0.05,alpha=0.1", "alpha", "alpha=0.10", "alpha=0.1,,lr=0.05", "1x=0.1"):
+        with pytest.raises(ValueError):
+            parse_setting(bad)

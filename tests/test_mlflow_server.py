@@ -82,7 +82,7 @@ def write_config(workdir: Path, uri: str, experiment: str, small: bool = False) 
     config.pop("figures", None)
     if small:
         config["grid"]["replicates"] = 1
-        config["grid"]["penalties"] = {"none": {}, "l2_sp": {"alpha": [0.1], "beta": [0.01]}}
+        config["grid"]["methods"] = {"none": {}, "l2_sp": {"alpha": [0.1], "beta": [0.01]}}
     path = workdir / "server.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

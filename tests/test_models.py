@@ -30,6 +30,34 @@ def test_build_model_output_shape(arch, classes, channels):
     assert model.head.out_features == classes
 
 
+@pytest.mark.parametrize("arch, expected", [
+    ("demo_resnet", ["backbone.stage1.conv2", "backbone.stage2.conv2", "backbone.stage3.conv2"]),
+    ("resnet18", [f"backbone.layer{i}.1.conv2" for i in range(1, 5)]),
+    ("resnet50", [f"backbone.layer{i}.{n - 1}.conv3" for i, n in zip(range(1, 5), (3, 4, 6, 3))]),
+])
+def test_feature_layers_end_each_stage(arch, expected):
+    """DELTA's feature maps: the last convolution of each stage, named from the classifier, in
+    forward order; their outputs are [N, C, H, W] maps of the convolution's channels."""
+    if arch not in ARCHITECTURES:
+        pytest.skip(f"{arch} is not registered")
+    torch.manual_seed(0)
+    model = build_model(arch, 3, 3).eval()
+    names = model.feature_layers()
+    assert names == expected
+    order = [n for n, _ in model.named_modules()]
+    assert [order.index(n) for n in names] == sorted(order.index(n) for n in names)
+    seen = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.shape))
+             for n in names]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    for n in names:
+        conv = model.get_submodule(n)
+        assert isinstance(conv, nn.Conv2d) and seen[n][:2] == (2, conv.out_channels) and len(seen[n]) == 4
+
+
 def test_unknown_architecture_raises():
     """An unknown architecture name is a ValueError naming the known ones."""
     with pytest.raises(ValueError, match="demo_resnet"):

@@ -218,6 +218,9 @@ def _sgd_run(model, penalty, mode: str, steps: int = 20) -> list[torch.Tensor]:
         elif mode == "foreach":
             loss.backward()
             penalty.add_grad_(foreach=True)
+        elif mode == "default":
+            loss.backward()
+            penalty.add_grad_()
         else:
             loss.backward()  # no penalty at all
         opt.step()
@@ -251,6 +254,36 @@ def test_trajectory_matches_explicit_objective(name, mode):
         plain = _sgd_run(*_twin(name), "plain")
         moved = max(float((a - b).abs().max()) for a, b in zip(explicit, plain))
         assert moved > 1e-4, "the penalty should change the trajectory (test would be vacuous)"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_method_steps_the_penalty_unchanged(name):
+    """The penalty as a method of spbench.methods (what train_steps takes): the training
+    loop's step (training_step) follows the penalty's own SGD trajectory exactly, and the
+    method's state is the penalty's reference state (w0, F), nothing more."""
+    from spbench.methods import MethodContext, make_method
+    from spbench.train import training_step
+
+    expected = _sgd_run(*_twin(name), "default")
+    model = _model()
+    inherited, head = split_parameters(model)
+    fisher = _random_fisher(inherited) if PENALTIES[name].uses_fisher else None
+    hparams = {} if name == "none" else dict(zip(("alpha", "beta"), _weights(name)))
+    method = make_method(name, MethodContext(model, inherited, head, fisher=fisher), **hparams)
+    _perturb(model)
+    assert type(method.penalty) is PENALTIES[name]
+    assert (method.penalty.alpha, method.penalty.beta) == _weights(name)
+    assert method.needs.fisher == PENALTIES[name].uses_fisher and method.extra_parameters() == []
+    assert method.state_dict().keys() == {f"penalty.{k}" for k in method.penalty.state_dict()}
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(20):
+        training_step(model, method, x, y, opt, lr=0.05)
+    for a, b in zip(model.parameters(), expected):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
 
 
 # -- registered reference state ------------------------------------------------------------------

@@ -15,21 +15,28 @@ import torch
 import yaml
 
 from spbench.config import RunSpec, validate_config
+from spbench.methods import MethodContext, make_method
 from spbench.models import build_model, split_parameters
-from spbench.penalties import make_penalty
-from spbench.pipeline import build_source, compute_fisher, finetune_run, load_checkpoint, prepare_task_from_config
+from spbench.pipeline import (
+    build_source,
+    compute_fisher,
+    finetune_run,
+    load_checkpoint,
+    prepare_task_from_config,
+    save_checkpoint,
+)
 from spbench.results import read_record
 from spbench.train import Preempted, StopOnSignal, train_steps
 
 REPO = Path(__file__).resolve().parents[1]
 COST_FIELDS = {"wall_seconds", "images_per_second"}
 STEPS = 400
-SPEC = RunSpec("digits-src", "digits-mod3-k5", "l2_sp_fisher", 0.1, 0.01, 0, 0, lr=0.05)
+SPEC = RunSpec("digits-src", "digits-mod3-k5", "l2_sp_fisher", {"alpha": 0.1, "beta": 0.01, "lr": 0.05}, 0, 0)
 
 
-def _train(model, penalty, x, y, **kw):
+def _train(model, method, x, y, **kw):
     return train_steps(
-        model, penalty, x, y, steps=12, batch_size=4, lr=0.05, generator=torch.Generator().manual_seed(3), **kw
+        model, method, x, y, steps=12, batch_size=4, lr=0.05, generator=torch.Generator().manual_seed(3), **kw
     )
 
 
@@ -37,8 +44,8 @@ def _setup():
     torch.manual_seed(0)
     model = build_model("demo_resnet", 3, 1).double()
     inherited, head = split_parameters(model)
-    penalty = make_penalty("l2_sp", inherited, head, alpha=0.1, beta=0.01)
-    return model, penalty
+    method = make_method("l2_sp", MethodContext(model, inherited, head), alpha=0.1, beta=0.01)
+    return model, method
 
 
 def test_stop_and_resume_follow_the_uninterrupted_trajectory():
@@ -46,33 +53,45 @@ def test_stop_and_resume_follow_the_uninterrupted_trajectory():
     batch-norm statistics and loss curve of 12 uninterrupted steps (float64, momentum 0.9)."""
     x = torch.randn(10, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.arange(10) % 3
-    model, penalty = _setup()
-    full = _train(model, penalty, x, y)
+    model, method = _setup()
+    full = _train(model, method, x, y)
     expected = model.state_dict()
+    w0 = {k: v.clone() for k, v in method.state_dict().items()}
 
-    model, penalty = _setup()
+    model, method = _setup()
     saved, done = [], []
     with pytest.raises(Preempted):
-        _train(model, penalty, x, y, save_checkpoint=saved.append, stop=lambda: len(done) == 5,
+        _train(model, method, x, y, save_checkpoint=saved.append, stop=lambda: len(done) == 5,
                on_step=lambda step, loss: done.append(step))
     assert [s["step"] for s in saved] == [5]
-    model, penalty = _setup()  # a fresh process: rebuilt from the source, then the checkpoint
-    resumed = _train(model, penalty, x, y, resume=saved[0])
+    assert saved[0]["method"].keys() == w0.keys()  # the method's state (w0) is in the checkpoint
+    # A fresh process: model and method rebuilt, then the checkpoint. Built here on other
+    # weights, so that the run's weights and its w0 can only come from the checkpoint.
+    model, _ = _setup()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    inherited, head = split_parameters(model)
+    method = make_method("l2_sp", MethodContext(model, inherited, head), alpha=0.1, beta=0.01)
+    assert not all(torch.equal(method.state_dict()[k], w0[k]) for k in w0)
+    resumed = _train(model, method, x, y, resume=saved[0])
     assert resumed.loss == full.loss
     assert resumed.lr == full.lr
     assert resumed.images == full.images
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+    for name, tensor in method.state_dict().items():
+        assert torch.equal(tensor, w0[name]), name
 
 
 def test_periodic_checkpoints():
     """checkpoint_every=4 saves after steps 4 and 8 (not after the last step) and goes on."""
     x = torch.randn(10, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     y = torch.arange(10) % 3
-    model, penalty = _setup()
+    model, method = _setup()
     model.float()
     saved = []
-    history = _train(model, penalty.float(), x, y, save_checkpoint=saved.append, checkpoint_every=4)
+    history = _train(model, method.float(), x, y, save_checkpoint=saved.append, checkpoint_every=4)
     assert [s["step"] for s in saved] == [4, 8]
     assert len(history.loss) == 12
     assert saved[1]["history"]["loss"] == history.loss[:8]
@@ -95,7 +114,7 @@ from spbench.config import RunSpec
 from spbench.pipeline import finetune_run, setup_logging
 args = json.loads(sys.argv[1])
 setup_logging()
-finetune_run(args["config"], RunSpec(**args["spec"]), **args["paths"])
+finetune_run(args["config"], RunSpec.from_wildcards(args["spec"]), **args["paths"])
 """
 
 
@@ -130,7 +149,7 @@ def _paths(root: Path, name: str) -> dict:
 
 def _child(config: dict, paths: dict) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    arg = json.dumps({"config": config, "spec": dict(SPEC.__dict__), "paths": paths})
+    arg = json.dumps({"config": config, "spec": SPEC.wildcards, "paths": paths})
     return subprocess.Popen([sys.executable, "-c", CHILD, arg], stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -153,7 +172,11 @@ def test_sigterm_mid_run_then_resume_gives_the_uninterrupted_record(prepared):
     state = load_checkpoint(paths["checkpoint_path"])
     assert 51 <= state["step"] < STEPS
     assert json.loads(state["config_json"])["run"]["key"] == SPEC.key
-    assert set(state) >= {"model", "optimizer", "penalty", "generator", "torch_rng", "history"}
+    assert set(state) >= {"model", "method", "optimizer", "generator", "torch_rng", "history"}
+    assert "penalty" not in state  # the old key: the method's state replaced it
+    w0_keys = [k for k in state["method"] if k.startswith("penalty.w0.")]
+    fisher_keys = [k for k in state["method"] if k.startswith("penalty.fisher.")]
+    assert w0_keys and len(w0_keys) == len(fisher_keys) and len(state["method"]) == 2 * len(w0_keys)
 
     rerun = _child(config, paths)
     log = rerun.stderr.read()
@@ -174,6 +197,6 @@ def test_checkpoint_of_another_run_is_refused(prepared, tmp_path):
     root, config = prepared
     paths = _paths(root, "other")
     Path(paths["checkpoint_path"]).parent.mkdir(parents=True)
-    torch.save({"run_key": "someone/else", "config_json": "{}", "step": 1}, paths["checkpoint_path"])
+    save_checkpoint(paths["checkpoint_path"], {"run_key": "someone/else", "config_json": "{}", "step": 1})
     with pytest.raises(ValueError, match="another run"):
         finetune_run(config, SPEC, **paths)

@@ -160,3 +160,50 @@ def test_flat_fisher_group_prox_equals_the_per_tensor_one():
     for d, f, u in zip(diffs, fishers, flat):
         torch.testing.assert_close(u, _fisher_group_prox_rows(d, f, 0.1), rtol=1e-12, atol=1e-15)
     assert any(bool((u == 0).any()) for u in flat) and any(bool((u != 0).any()) for u in flat)
+
+
+@pytest.mark.parametrize("name", ["l1_sp", "gl_sp", "gl_sp_fisher"])
+def test_method_applies_the_prox_after_the_optimizer_step(name):
+    """As a method (finetune.nonsmooth = prox), the penalty gets the protocol's variant from
+    the MethodContext, and training_step runs forward-backward splitting: the optimizer step
+    on J(w) + β/2‖w_S̄‖², then the penalty's prox at the step's learning rate."""
+    from torch import nn
+
+    from spbench.methods import MethodContext, make_method
+    from spbench.models import build_model, split_parameters
+    from spbench.train import training_step
+
+    def setup():
+        torch.manual_seed(0)
+        model = build_model("demo_resnet", 3, 1).double()
+        inherited, head = split_parameters(model)
+        fisher = {n: torch.ones_like(p) + 0.5 for n, p in inherited.items()} if name.endswith("fisher") else None
+        return model, inherited, head, fisher
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    model, inherited, head, fisher = setup()
+    method = make_method(name, MethodContext(model, inherited, head, fisher=fisher, nonsmooth="prox"),
+                         alpha=0.5, beta=0.1)
+    assert method.penalty.variant == "prox" and method.penalty.eps == 0.0
+    s_model, s_inh, s_head, s_fisher = setup()
+    smooth = make_method(name, MethodContext(s_model, s_inh, s_head, fisher=s_fisher, epsilon=0.02), alpha=0.5, beta=0.1)
+    assert smooth.penalty.variant == "smooth" and smooth.penalty.eps == 0.02
+    ref_model, ref_inh, ref_head, ref_fisher = setup()
+    pen = make_penalty(name, ref_inh, ref_head, alpha=0.5, beta=0.1, fisher=ref_fisher, variant="prox")
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.2, momentum=0.9)
+    for lr in (0.2, 0.1, 0.05):
+        training_step(model, method, x, y, opt, lr=lr)
+        for group in ref_opt.param_groups:
+            group["lr"] = lr
+        ref_opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(ref_model(x), y).backward()
+        pen.add_grad_()
+        ref_opt.step()
+        pen.prox_(lr)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    w0 = method.penalty.w0
+    assert any(bool((p.detach() == w0[n]).any()) for n, p in inherited.items())  # the prox set some departures to 0

@@ -63,7 +63,7 @@ def workflow_config(server: FileServer, tmp_path: Path) -> dict:
         "fisher": {"estimator": "exact", "num_examples": 5, "normalize": "mean"},
         "finetune": {"steps": 3, "batch_size": 4, "lr": 0.01, "momentum": 0.9, "augment": "paper", "crop": 16},
         "grid": {"sources": ["src"], "targets": ["cal-tgt"], "replicates": 1,
-                 "penalties": {"l2_sp_fisher": {"alpha": [0.1], "beta": [0.01]}}},
+                 "methods": {"l2_sp_fisher": {"alpha": [0.1], "beta": [0.01]}}},
     }
 
 
@@ -101,7 +101,7 @@ def test_workflow_downloads_prepares_and_builds_the_source(server, tmp_path):
     from spbench.pipeline import finetune_run
 
     resolved = validate_config(config)
-    spec = RunSpec("src", "cal-tgt", "l2_sp_fisher", 0.1, 0.01, 0, 0, lr=resolved["finetune"]["lr"])
+    spec = RunSpec("src", "cal-tgt", "l2_sp_fisher", {"alpha": 0.1, "beta": 0.01, "lr": resolved["finetune"]["lr"]}, 0, 0)
     src = tmp_path / "results" / "sources" / "src"
     kwargs = dict(source_model=src / "model.pt", source_info=src / "info.json", target_dir=tmp_path / "data" / "cal-tgt",
                   source_dir=tmp_path / "data" / "cal-src", fisher_path=src / "fisher.pt")

@@ -128,10 +128,10 @@ def slurm_cluster(tmp_path_factory):
 
 
 def small_grid(workdir: Path) -> Path:
-    """config/tiny.yaml on one replicate and two penalties (one with Fisher): four Slurm jobs."""
+    """config/tiny.yaml on one replicate and two methods (one with Fisher): four Slurm jobs."""
     config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
     config["grid"]["replicates"] = 1
-    config["grid"]["penalties"] = {"none": {}, "l2_sp_fisher": {"alpha": [0.1], "beta": [0.01]}}
+    config["grid"]["methods"] = {"none": {}, "l2_sp_fisher": {"alpha": [0.1], "beta": [0.01]}}
     config.pop("selection", None)
     config.pop("figures", None)
     path = workdir / "cluster.yaml"
@@ -156,7 +156,9 @@ def test_profile_runs_the_workflow_on_slurm(slurm_cluster, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     runs = read_parquet(tmp_path / "results" / "runs.parquet")
-    assert sorted(runs["penalty"]) == ["l2_sp_fisher", "none"]
+    assert sorted(runs["method"]) == ["l2_sp_fisher", "none"]
+    assert sorted(runs["run_key"]) == ["main/digits-src/digits-mod3-k5/l2_sp_fisher/alpha=0.1,beta=0.01,lr=0.01/freeze0/test/rep0",
+                                       "main/digits-src/digits-mod3-k5/none/lr=0.01/freeze0/test/rep0"]
     assert (tmp_path / "reports" / "table2.md").exists()
     # pretrain_source, estimate_fisher and one group of two fine-tunes went through sbatch
     submitted = [line for line in log.splitlines() if "has been submitted with SLURM jobid" in line]

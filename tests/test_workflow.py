@@ -49,26 +49,33 @@ def expected_runs() -> int:
 
     config = validate_config(tiny_config())
     # the count does not depend on which candidate selection picks
-    return len(expand_runs(config, lambda s, t, p: candidates(config, p)[0]))
+    return len(expand_runs(config, lambda s, t, m: candidates(config, m)[0]))
 
 
 def test_parquet_holds_every_run(finished_workflow):
-    """runs.parquet has the schema's columns and one row per grid point, each matching its record."""
+    """runs.parquet has the schema's columns and one row per grid point, each matching its record;
+    a run's folder is its RunSpec.key."""
+    from spbench.config import RunSpec, format_setting, parse_setting
+
     runs = read_parquet(finished_workflow / "results" / "runs.parquet")
     assert list(runs.columns) == [f.name for f in SCHEMA]
     assert len(runs) == expected_runs()
-    assert set(runs["penalty"]) == set(tiny_config()["grid"]["penalties"])
+    assert set(runs["method"]) == set(tiny_config()["grid"]["methods"])
     assert set(runs["experiment"]) == {"main", "select", "alpha_beta", "freeze"}
     assert set(runs.loc[runs["experiment"] == "select", "evaluation"]) == {"val0"}
-    # the test-set runs of a selected penalty use the setting its selection file names
-    for path in (finished_workflow / "results" / "selection").rglob("*.json"):
+    # the test-set runs of a selected method use the setting its selection file names
+    selections = list((finished_workflow / "results" / "selection").rglob("*.json"))
+    assert selections
+    for path in selections:
         chosen = json.loads(path.read_text())
-        main = runs[(runs["experiment"] == "main") & (runs["penalty"] == chosen["penalty"]) & (runs["target"] == chosen["target"])]
+        assert path.stem == chosen["method"] and format_setting(chosen["selected"]) == chosen["setting"]
+        main = runs[(runs["experiment"] == "main") & (runs["method"] == chosen["method"]) & (runs["target"] == chosen["target"])]
         assert len(main) == tiny_config()["grid"]["replicates"]
+        assert set(main["setting"]) == {chosen["setting"]}
         assert set(main["alpha"]) == {chosen["selected"]["alpha"]}
-        val = runs[(runs["experiment"] == "select") & (runs["penalty"] == chosen["penalty"])]
-        best = val.sort_values(["test_accuracy", "alpha"], ascending=[False, True]).iloc[0]
-        assert chosen["selected"]["alpha"] == best["alpha"]
+        val = runs[(runs["experiment"] == "select") & (runs["method"] == chosen["method"])]
+        best = val.sort_values(["test_accuracy", "alpha", "beta", "lr"], ascending=[False, True, True, True]).iloc[0]
+        assert chosen["selected"]["alpha"] == best["alpha"] and chosen["setting"] == best["setting"]
     assert runs["test_accuracy"].between(0, 1).all()
     assert runs["run_key"].is_unique
     for row in runs.itertuples():
@@ -77,6 +84,15 @@ def test_parquet_holds_every_run(finished_workflow):
         assert record["seed"] == row.seed
         assert len(record["train_loss"]) == row.steps
         assert json.loads(record["config_json"])["run"]["key"] == row.run_key
+        setting = parse_setting(row.setting)
+        spec = RunSpec(row.source, row.target, row.method, setting, row.freeze, row.replicate,
+                       evaluation=row.evaluation, experiment=row.experiment)
+        assert row.run_key == spec.key and spec.seed == row.seed and row.lr == setting["lr"]
+        hparams = json.loads(row.hparams_json)
+        assert hparams == spec.hparams
+        for name in ("alpha", "beta"):  # typed copies of the common ones, NaN where the method has none
+            value = getattr(row, name)
+            assert value == hparams[name] if name in hparams else value != value, (row.run_key, name)
 
 
 def test_mlflow_has_one_run_per_record(finished_workflow):
@@ -95,7 +111,8 @@ def test_mlflow_has_one_run_per_record(finished_workflow):
         assert run.info.status == "FINISHED"
         assert run.data.metrics["test_accuracy"] == pytest.approx(row.test_accuracy)
         assert run.data.metrics["source_accuracy_drop"] == pytest.approx(row.source_accuracy_drop)
-        assert run.data.tags["penalty"] == row.penalty
+        assert run.data.tags["method"] == row.method
+        assert run.data.tags["setting"] == row.setting
         assert run.data.tags["replicate"] == str(row.replicate)
         assert run.data.params["run.seed"] == str(row.seed)
         assert run.data.params["finetune.steps"] == str(row.steps)
@@ -113,15 +130,15 @@ def test_reports_are_written(finished_workflow):
         assert (reports / f"{fig}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (reports / f"{fig}.pdf").read_bytes()[:5] == b"%PDF-"
     table2 = (reports / "table2.md").read_text()
-    for penalty in tiny_config()["grid"]["penalties"]:
-        assert penalty in table2
+    for method in tiny_config()["grid"]["methods"]:
+        assert method in table2
 
 
 def test_rerun_reproduces_record_without_duplicate_tracking(finished_workflow):
     """A deleted record is recomputed identically (cost fields aside) and MLflow keeps one run
     per identity; afterwards the workflow has nothing left to do."""
     runs = read_parquet(finished_workflow / "results" / "runs.parquet")
-    key = runs.loc[(runs["penalty"] == "l2_sp_fisher") & (runs["experiment"] == "main"), "run_key"].iloc[0]
+    key = runs.loc[(runs["method"] == "l2_sp_fisher") & (runs["experiment"] == "main"), "run_key"].iloc[0]
     path = finished_workflow / "results" / "runs" / key / "record.json"
     before = read_record(path)
     path.unlink()
@@ -140,12 +157,14 @@ def test_rerun_reproduces_record_without_duplicate_tracking(finished_workflow):
 @pytest.mark.parametrize(
     "edit, key",
     [
-        (lambda c: c["grid"]["penalties"].update(l2_spx={"alpha": [0.1], "beta": [0.01]}), "grid.penalties.l2_spx"),
-        (lambda c: c["grid"]["penalties"]["l2"].update(alpha=[-1.0]), "grid.penalties.l2.alpha"),
+        (lambda c: c["grid"]["methods"].update(l2_spx={"alpha": [0.1], "beta": [0.01]}), "grid.methods.l2_spx"),
+        (lambda c: c["grid"]["methods"]["l2"].update(alpha=[-1.0]), "grid.methods.l2.alpha"),
+        (lambda c: c["grid"]["methods"].update(bss={"k": [1.5]}), "grid.methods.bss.k[0]"),
+        (lambda c: c["grid"].update(penalties=c["grid"].pop("methods")), "grid.penalties"),
         (lambda c: c["finetune"].update(stepz=3), "finetune.stepz"),
         (lambda c: c["sources"]["digits-src"].update(weights="file", path="missing.pt"), "sources.digits-src.path"),
     ],
-    ids=["unknown-penalty", "negative-alpha", "typo-key", "missing-file"],
+    ids=["unknown-method", "negative-alpha", "int-hparam", "renamed-key", "typo-key", "missing-file"],
 )
 def test_bad_config_fails_before_any_job(tmp_path, edit, key):
     """A bad config stops snakemake at DAG construction, naming the key; nothing is written."""

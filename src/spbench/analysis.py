@@ -1,5 +1,6 @@
 """Analyses beyond accuracy: how far fine-tuning moved each unit (Fig. 4) and what a penalty
-costs per training step (paper section 4.4.1)."""
+costs per training step (paper section 4.4.1; the seven penalties, as methods of
+:mod:`spbench.methods`, stepped by :func:`spbench.train.training_step`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .methods import MethodContext, make_method
 from .models import build_model, split_parameters
-from .penalties import make_penalty
 
 __all__ = ["conv_layers", "unit_r2", "penalty_flops", "step_overhead", "FLOPS_PER_ELEMENT"]
 
@@ -81,7 +82,10 @@ FLOPS_PER_ELEMENT = {
 
 
 def penalty_flops(penalty) -> float:
-    """Analytic FLOPs of one ``add_grad_``: per-element cost on S, 2 per element of S̄ (β·w)."""
+    """Analytic FLOPs of one ``add_grad_``: per-element cost on S, 2 per element of S̄ (β·w).
+    ``penalty``: a :class:`spbench.penalties.Penalty`, or the method that wraps one
+    (:class:`spbench.methods.penalties.PenaltyMethod`, its ``.penalty``)."""
+    penalty = getattr(penalty, "penalty", penalty)
     d = penalty.describe()
     per = FLOPS_PER_ELEMENT.get(penalty.name)
     if per is None:
@@ -103,8 +107,12 @@ def step_overhead(
     device: str = "cpu",
 ) -> list[dict]:
     """FLOPs (torch.utils.flop_counter) and median wall time of one SGD training step of
-    ``arch`` with each penalty, and of the penalty's ``add_grad_`` alone."""
+    ``arch`` with each penalty (the training loop's own step,
+    :func:`spbench.train.training_step`, on the penalty's method), and of the penalty's
+    ``add_grad_`` alone."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from .train import training_step
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -112,20 +120,20 @@ def step_overhead(
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
     rows = []
     for name in penalties:
+        if name not in FLOPS_PER_ELEMENT:
+            raise ValueError(f"step_overhead measures the parameter penalties {sorted(FLOPS_PER_ELEMENT)}, not {name!r}")
         model = build_model(arch, num_classes, in_channels).to(dev)
         inherited, head = split_parameters(model)
         fish = None
         if name.endswith("fisher"):
             fish = fisher or {n: torch.rand_like(p) for n, p in inherited.items()}
-        alpha, beta = (0.0, 0.0) if name == "none" else (0.01, 0.01)
-        penalty = make_penalty(name, inherited, head, alpha=alpha, beta=beta, fisher=fish).to(dev)
+        hparams = {} if name == "none" else {"alpha": 0.01, "beta": 0.01}
+        method = make_method(name, MethodContext(model, inherited, head, fisher=fish), **hparams).to(dev)
+        penalty = method.penalty
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
         def step():
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            penalty.add_grad_()
-            opt.step()
+            training_step(model, method, x, y, opt, lr=1e-3)
 
         step()  # warm-up
         counter = FlopCounterMode(display=False)

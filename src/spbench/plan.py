@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import candidates, expand_runs, load_config
-from .penalties import PENALTIES
+from .methods import method_class
 
 __all__ = ["plan", "format_plan", "main"]
 
@@ -23,11 +23,11 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
     """Job counts of the validated ``config`` and its fine-tunes' GPU-hours. ``measured``:
     records of earlier runs (their ``wall_seconds`` per step gives the estimate)."""
     # Before selection has run its outcome is unknown, but not the number of runs it leads to:
-    # count with the first candidate of each tuned penalty.
-    runs = list(expand_runs(config, lambda source, target, penalty: candidates(config, penalty)[0]))
+    # count with the first candidate of each tuned method.
+    runs = list(expand_runs(config, lambda source, target, method: candidates(config, method)[0]))
     sources = sorted({r.source for r in runs})
     tasks = sorted({r.target for r in runs} | {config["sources"][s]["task"] for s in sources})
-    fisher = sorted({r.source for r in runs if PENALTIES[r.penalty].uses_fisher})
+    fisher = sorted({r.source for r in runs if method_class(r.method).needs.fisher})
     cluster, steps = config["cluster"], config["finetune"]["steps"]
     gpus = max(cluster["gpus"], 1)
     out: dict[str, Any] = {
