@@ -71,7 +71,7 @@ def get_run_config(wildcards):
 
 
 def report_options():
-    """The options the report rule passes to the report builders (a param: a change reruns it)."""
+    """The options passed to the report builders, as a param of the report (a change reruns it)."""
     figures = config.get("figures", {})
     out = {}
     if "alpha_beta" in figures:

@@ -87,6 +87,9 @@ class RecordingScaler:
     def update(self):
         self.events.append("update")
 
+    def get_scale(self):
+        return 4.0
+
 
 def test_step_runs_the_hooks_in_the_documented_order(monkeypatch):
     """forward (with taps and the teacher) -> loss -> backward -> unscale -> add_grad_ -> clip

@@ -64,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
         "threads": 1,
         "device": "auto",
         "checkpoint_every": 0,
+        "precision": "auto",
+        "channels_last": "auto",
+        "clip_grad_norm": None,
     },
     "cluster": {
         "partition": "",
@@ -112,7 +115,13 @@ _VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
-    parts = [str(p) for p in error.absolute_path]
+    """``grid.methods.l2.alpha[0]``: keys joined by dots, list positions in brackets."""
+    parts: list[str] = []
+    for p in error.absolute_path:
+        if isinstance(p, int) and parts:
+            parts[-1] += f"[{p}]"
+        else:
+            parts.append(str(p))
     if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
         allowed = set(error.schema.get("properties", {}))
         extra = sorted(k for k in error.instance if k not in allowed)

@@ -28,7 +28,16 @@ from .fisher import estimate_fisher, load_fisher, normalize_fisher, save_fisher
 from .models import apply_freeze, build_model, split_parameters
 from .methods import MethodContext, make_method, method_class
 from .results import write_json_atomic, write_record
-from .train import StopOnSignal, evaluate, load_source, pretrain, save_source, set_determinism, train_steps
+from .train import (
+    StopOnSignal,
+    evaluate,
+    load_source,
+    pretrain,
+    resolve_precision,
+    save_source,
+    set_determinism,
+    train_steps,
+)
 
 __all__ = [
     "prepare_task_from_config",
@@ -58,6 +67,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("finetune.device is 'cuda' but no GPU is visible to this job")
     return torch.device(name)
+
+
+def channels_last(option: str | bool, device: torch.device) -> bool:
+    """``finetune.channels_last``: ``auto`` (on a GPU, where convolutions run faster in that
+    memory format), true or false."""
+    return device.type == "cuda" if option == "auto" else bool(option)
 
 
 def device_name(device: torch.device) -> str:
@@ -240,6 +255,7 @@ def finetune_run(
     resolved = run_config(config, spec)
     set_determinism(spec.seed, threads=ft["threads"])
     dev = resolve_device(device or ft["device"])
+    precision = resolve_precision(ft["precision"], dev)
     augment_gen = torch.Generator().manual_seed(derive_seed("augment", spec.seed))
     target_meta, target_x, target_y = task_inputs(config, target_dir, generator=augment_gen, device=dev)
     _, source_x, source_y = task_inputs(config, source_dir, device=dev)
@@ -250,6 +266,9 @@ def finetune_run(
     model.backbone.load_state_dict(src_model.backbone.state_dict())
     model.to(dev)
     src_model.to(dev).eval().requires_grad_(False)
+    if channels_last(ft["channels_last"], dev):
+        model.to(memory_format=torch.channels_last)
+        src_model.to(memory_format=torch.channels_last)
 
     frozen = apply_freeze(model, spec.freeze)
     inherited, head = split_parameters(model, ft["sp_scope"])
@@ -321,13 +340,15 @@ def finetune_run(
             checkpoint_every=ft["checkpoint_every"],
             stop=stop,
             setup_x=x if isinstance(x, torch.Tensor) else x.central(),
+            precision=precision,
+            clip_grad_norm=ft["clip_grad_norm"],
         )
-    test_acc = evaluate(model, x_eval.to(dev), y_eval.to(dev), ft["eval_batch_size"])
+    test_acc = evaluate(model, x_eval.to(dev), y_eval.to(dev), ft["eval_batch_size"], precision)
     # Source-task retention (Table 3): the fine-tuned backbone under the original source head,
     # or under the method's own retention head (LwF and Co-Tuning train a copy of it).
     retention = method.retention_head()
     source_net = torch.nn.Sequential(model.backbone, retention if retention is not None else src_model.head)
-    source_acc = evaluate(source_net, source_x["test"].to(dev), source_y["test"].to(dev), ft["eval_batch_size"])
+    source_acc = evaluate(source_net, source_x["test"].to(dev), source_y["test"].to(dev), ft["eval_batch_size"], precision)
     wall = time.perf_counter() - start
     describe = method.describe()
     hparams = spec.hparams
@@ -350,6 +371,7 @@ def finetune_run(
         "penalty_variant": describe.get("variant", ""),
         "epsilon": describe.get("eps", 0.0),
         "bn_mode": ft["bn_mode"],
+        "precision": precision.name,
         "fisher_estimator": fisher_meta.get("estimator", ""),
         "fisher_normalize": config["fisher"]["normalize"] if fisher is not None else "",
         "fisher_samples": int(fisher_meta.get("samples", 0)),

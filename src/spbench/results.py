@@ -60,6 +60,7 @@ SCHEMA = pa.schema(
         ("penalty_variant", pa.string()),  # smooth | prox for l1_sp, gl_sp, gl_sp_fisher; "" otherwise
         ("epsilon", pa.float64()),  # smoothing in effect (0 when exact)
         ("bn_mode", pa.string()),
+        ("precision", pa.string()),  # fp32 | bf16 | fp16 (autocast; float32 master weights)
         ("fisher_estimator", pa.string()),
         ("fisher_normalize", pa.string()),  # none | mean (over the whole backbone, before restriction to S)
         ("fisher_samples", pa.int64()),  # labels sampled per image by the mc estimator (0: exact, or no Fisher)

@@ -31,6 +31,9 @@ from .methods import Forward, Method, MethodContext, SetupData, make_method, rec
 from .models import Classifier, build_model, split_parameters
 
 __all__ = [
+    "PRECISIONS",
+    "Precision",
+    "resolve_precision",
     "lr_at",
     "set_train_mode",
     "batch_indices",
@@ -63,6 +66,45 @@ def set_determinism(seed: int, threads: int | None = None) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+#: ``finetune.precision`` values: fp32, bf16 or fp16 autocast (float32 master weights), or auto.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: ``name`` (fp32 | bf16 | fp16) on ``device_type``. Mixed precision
+    autocasts the forward pass and the loss (training and evaluation) to ``dtype``; weights,
+    their gradients, the optimizer state and the methods' in-place terms stay float32. fp16
+    scales the loss (:meth:`scaler`)."""
+
+    name: str = "fp32"
+    device_type: str = "cpu"
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    def autocast(self):
+        """The autocast context of this precision (a no-op for fp32)."""
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def scaler(self):
+        """A gradient scaler for fp16 (bf16 and fp32 need none): None otherwise."""
+        return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """``auto``: bf16 on a GPU that supports it, else fp32 (the CPU included: asked-for bf16
+    autocast works there too, but is slower than fp32 on most CPUs). fp16 needs a GPU."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {name!r}")
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 needs a GPU (use bf16 on the CPU)")
+    return Precision(name, device.type)
 
 
 def lr_at(step: int, total: int, base: float, schedule: str = "cosine", milestones: list[int] | None = None) -> float:
@@ -117,14 +159,17 @@ def restore_modes(modes: dict[nn.Module, bool]) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` in eval mode (every submodule's mode is restored)."""
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512, precision: Precision | None = None) -> float:
+    """Top-1 accuracy of ``model`` in eval mode (every submodule's mode is restored), under
+    ``precision``'s autocast (the training's)."""
     modes = module_modes(model)
     model.eval()
     correct = 0
+    precision = precision or Precision()
     try:
         for start in range(0, len(x), batch_size):
-            logits = model(x[start : start + batch_size])
+            with precision.autocast():
+                logits = model(x[start : start + batch_size])
             correct += (logits.argmax(dim=1) == y[start : start + batch_size]).sum().item()
     finally:
         restore_modes(modes)
@@ -185,25 +230,33 @@ def training_step(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
     scaler=None,
     clip_grad_norm: float | None = None,
+    precision: Precision | None = None,
 ) -> Tensor:
     """One optimizer step on J(w) + the method's terms, in the order of the module docstring.
 
-    ``scaler``: a :class:`torch.amp.GradScaler` (mixed precision) or None; ``clip_grad_norm``:
-    the largest total gradient norm (None: no clipping), applied after the method's gradient
-    term, over the parameters the optimizer steps. Returns the cross-entropy (detached).
+    ``precision``: the forward pass, the cross-entropy and the method's loss term run under its
+    autocast; the backward pass, the method's in-place gradient term, clipping, the step and
+    the proximal step in float32. ``scaler``: a :class:`torch.amp.GradScaler` (fp16) or None;
+    when it finds an inf or NaN gradient it skips the optimizer step, and the proximal step is
+    skipped with it (weights, momentum and the method's state stay as they were).
+    ``clip_grad_norm``: the largest total gradient norm (None: no clipping), applied after the
+    method's gradient term, over the parameters the optimizer steps. Returns the
+    cross-entropy (detached).
     """
+    precision = precision or Precision()
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    with record_outputs(model, method.taps) as taps:
-        features = model.backbone(x)
-        logits = model.head(features)
-    out = Forward(x, y, features, logits, taps=taps)
-    if method.needs.teacher:
-        out.teacher_logits, out.teacher_taps = method.teacher_forward(x)
-    loss = loss_fn(logits, y)
-    extra = method.loss(out)
-    total = loss if extra is None else loss + extra
+    with precision.autocast():
+        with record_outputs(model, method.taps) as taps:
+            features = model.backbone(x)
+            logits = model.head(features)
+        out = Forward(x, y, features, logits, taps=taps)
+        if method.needs.teacher:
+            out.teacher_logits, out.teacher_taps = method.teacher_forward(x)
+        loss = loss_fn(logits, y)
+        extra = method.loss(out)
+        total = loss if extra is None else loss + extra
     if scaler is not None:
         scaler.scale(total).backward()
         scaler.unscale_(optimizer)
@@ -213,13 +266,17 @@ def training_step(
     if clip_grad_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    stepped = True
     if scaler is not None:
+        before = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        stepped = scaler.get_scale() >= before  # the scale drops exactly when the step was skipped
     else:
         optimizer.step()
-    method.prox_(lr)  # proximal variants only: forward-backward splitting
-    return loss.detach()
+    if stepped:
+        method.prox_(lr)  # proximal variants only: forward-backward splitting
+    return loss.detach().float()
 
 
 def train_steps(
@@ -244,6 +301,8 @@ def train_steps(
     checkpoint_every: int = 0,
     stop: Callable[[], bool] | None = None,
     setup_x: Any = None,
+    precision: Precision | None = None,
+    clip_grad_norm: float | None = None,
 ) -> TrainHistory:
     """SGD with momentum on J(w) plus the method's terms (:func:`training_step`), over the
     model's trainable parameters and the method's own (:meth:`Method.extra_parameters`).
@@ -255,8 +314,11 @@ def train_steps(
     ``resume``: a state from ``save_checkpoint`` (weights, momentum, history, RNG states);
     training continues at its step. ``save_checkpoint(state)`` is
     called every ``checkpoint_every`` steps (0: never) and when ``stop()`` turns true, after
-    which :class:`Preempted` is raised.
+    which :class:`Preempted` is raised. ``precision`` (default fp32) and ``clip_grad_norm`` go
+    to every :func:`training_step`; fp16's gradient scaler is checkpointed with the rest.
     """
+    precision = precision or Precision()
+    scaler = precision.scaler()
     params = [p for p in model.parameters() if p.requires_grad] + method.extra_parameters()
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     history = TrainHistory()
@@ -266,6 +328,8 @@ def train_steps(
         model.load_state_dict(resume["model"])
         method.load_state_dict(resume["method"])
         opt.load_state_dict(resume["optimizer"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         history = TrainHistory(**resume["history"])
     elif method.needs.setup:
         device = next(model.parameters()).device
@@ -282,7 +346,8 @@ def train_steps(
                 torch.set_rng_state(resume["torch_rng"])
             continue
         rate = lr_at(step, steps, lr, schedule, milestones)
-        value = training_step(model, method, x[idx], y[idx], opt, lr=rate).item()
+        value = training_step(model, method, x[idx], y[idx], opt, lr=rate, scaler=scaler,
+                              clip_grad_norm=clip_grad_norm, precision=precision).item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss is {value} at step {step} (learning rate or α too large?)")
         history.loss.append(value)
@@ -297,7 +362,10 @@ def train_steps(
         stopping = stop is not None and stop()
         if stopping or (checkpoint_every and (step + 1) % checkpoint_every == 0):
             history.seconds = time.perf_counter() - start
-            save_checkpoint(train_state(step + 1, model, method, opt, history, generator))
+            state = train_state(step + 1, model, method, opt, history, generator)
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            save_checkpoint(state)
             if stopping:
                 log.warning("stopped at step %d/%d on request; checkpoint saved", step + 1, steps)
                 raise Preempted(f"training stopped at step {step + 1} of {steps}; rerun to resume")
