@@ -171,7 +171,10 @@ def print_summary():
     from spbench.reports import summary
     from spbench.results import read_parquet
 
-    print(summary(read_parquet(parquet), REPORTS, tracking_uri=config["tracking"]["uri"]), file=sys.stderr)
+    marker = Path(RESULTS) / "tracking.json"
+    experiment_id = json.loads(marker.read_text()).get("experiment_id") if marker.exists() else None
+    print(summary(read_parquet(parquet), REPORTS, tracking_uri=config["tracking"]["uri"], experiment_id=experiment_id),
+          file=sys.stderr)
 
 
 def category(path):

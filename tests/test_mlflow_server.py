@@ -6,6 +6,8 @@ the MLflow UI, opened in headless Chromium, shows the experiment and its runs.""
 from __future__ import annotations
 
 import contextlib
+import html
+import re
 import os
 import shutil
 import signal
@@ -22,6 +24,7 @@ import pytest
 import yaml
 
 from spbench.results import read_parquet, read_record
+from spbench.tracking import run_name, runs_page
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -190,15 +193,27 @@ def test_ui_shows_the_experiment_and_its_runs(server, parallel_workflow, tmp_pat
 
     browser = chromium()
     exp = MlflowClient(tracking_uri=server).get_experiment_by_name("spbench-server")
-    url = f"{server}/#/experiments/{exp.experiment_id}/runs"
+    # the page the workflow's summary prints: the experiment's training runs
+    url = runs_page(server, exp.experiment_id)
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     runs = read_parquet(parallel_workflow / "results" / "runs.parquet")
     shots = Path(os.environ.get("SPBENCH_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
         dom = headless(browser, profile, "--virtual-time-budget=30000", "--dump-dom", url)
+    (shots / "mlflow-ui.html").write_text(dom.stdout)
     assert "spbench-server" in dom.stdout, dom.stderr[-3000:]
-    missing = [key for key in runs["run_key"] if key not in dom.stdout]
+    page = html.unescape(dom.stdout)
+    assert "<title>Runs - " in page and "Token Usage" not in page  # the runs, not the GenAI overview
+    # the training runs list, not the GenAI overview: every run by its short name
+    names = [run_name(read_record(parallel_workflow / "results" / "runs" / key / "record.json")) for key in runs["run_key"]]
+    missing = [name for name in names if name not in page]
     assert not missing, f"runs not in the rendered page: {missing}"
+    # durations are the training's (above a second), not the logging's (tens of ms)
+    shown = [float(v) for v in re.findall(r">(\d+(?:\.\d+)?)s<", page)]
+    assert len(shown) >= len(names) and min(shown) > 1.0, shown
+    # the target task is the runs' input dataset
+    assert "digits-mod3-k5" in re.sub(r"<[^>]+>", " ", page.split("Dataset", 1)[-1])
     with tempfile.TemporaryDirectory() as profile:
         shot = headless(browser, profile, "--virtual-time-budget=30000", f"--screenshot={shots / 'mlflow-ui.png'}", url)
     assert (shots / "mlflow-ui.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", shot.stderr[-3000:]

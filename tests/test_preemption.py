@@ -29,7 +29,7 @@ from spbench.results import read_record
 from spbench.train import Preempted, StopOnSignal, train_steps
 
 REPO = Path(__file__).resolve().parents[1]
-COST_FIELDS = {"wall_seconds", "images_per_second"}
+COST_FIELDS = {"wall_seconds", "images_per_second", "started_at", "ended_at"}
 STEPS = 400
 SPEC = RunSpec("digits-src", "digits-mod3-k5", "l2_sp_fisher", {"alpha": 0.1, "beta": 0.01, "lr": 0.05}, 0, 0)
 

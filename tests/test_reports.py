@@ -1157,4 +1157,6 @@ def test_summary_says_where_and_the_headline(runs, tmp_path):
     for method, d in cells.groupby("method"):
         above = int((d["delta_low"] > 0).sum())
         assert f"{method} {d['delta'].mean():+.2f} ({above}↑" in text
-    assert "open http://host:5000" in reports.summary(runs, tmp_path, tracking_uri="http://host:5000")
+    assert "then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning" in text
+    remote = reports.summary(runs, tmp_path, tracking_uri="http://host:5000", experiment_id="3")
+    assert "open http://host:5000/#/experiments/3?workflowType=machine_learning" in remote

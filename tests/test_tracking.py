@@ -43,3 +43,31 @@ def test_unreachable_server_does_not_raise_or_hang(monkeypatch):
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
+
+
+def test_run_is_a_training_run_with_its_times_name_and_dataset(tmp_path):
+    """The experiment is a model-training one (the UI opens on its runs); the run's start and
+    end are the training's, its name is short, its input dataset is the target task."""
+    from mlflow.tracking import MlflowClient
+
+    from spbench.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, run_name
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = init_experiment(uri, "t")
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    record = make_record(freeze=0, started_at=1_700_000_000.25, ended_at=1_700_000_012.75,
+                         target_dataset={"name": "t", "digest": "ab" * 32, "source": "data/t", "builder": "digits_mod3",
+                                         "n_train": 15, "n_eval": 886, "num_classes": 3, "evaluation": "test"})
+    run_id = log_run(uri, "t", record, {}, [1.0])
+    run = client.get_run(run_id)
+    assert (run.info.start_time, run.info.end_time) == (1_700_000_000_250, 1_700_000_012_750)
+    assert run.info.run_name == run_name(record) == "l2_sp · t · alpha=0.1,beta=0.01 · lr=0.5 · rep0"
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "t" and inp.dataset.digest == ("ab" * 32)[:36]
+    assert '"n_train": 15' in inp.dataset.profile and '"num_classes": 3' in inp.dataset.profile
+    # an experiment made before gets the kind when the workflow starts again
+    other = client.create_experiment("old")
+    init_experiment(uri, "old")
+    assert client.get_experiment(other).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert run_name(make_record(experiment="select", evaluation="val0", replicate=1, freeze=2)).startswith("select/val0 · ")

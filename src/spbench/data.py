@@ -178,6 +178,7 @@ def prepare_task(builder: str, params: dict, out_dir: str | os.PathLike) -> Path
     with atomic_directory(out_dir) as tmp:
         if not isinstance(task, PreparedTask):  # a file list (spbench.datasets) decodes itself
             task.write(tmp)
+            _record_digest(tmp)
             return out_dir
         np.save(tmp / "images.npy", task.images)
         pd.DataFrame(
@@ -194,7 +195,23 @@ def prepare_task(builder: str, params: dict, out_dir: str | os.PathLike) -> Path
             **task.extra,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _record_digest(tmp)
     return out_dir
+
+
+def _record_digest(task_dir: Path) -> None:
+    """Add ``content_sha256`` (of the image cache and the split file) to a task's meta.json:
+    the task's version, as the tracker's dataset digest and the records name it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("images.npy", "split.parquet"):
+        with open(task_dir / name, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    meta = json.loads((task_dir / "meta.json").read_text())
+    meta["content_sha256"] = h.hexdigest()
+    (task_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @dataclass

@@ -320,6 +320,7 @@ def finetune_run(
 
     # wall seconds count the training time of earlier attempts too
     start = time.perf_counter() - (resume["history"]["seconds"] if resume is not None else 0.0)
+    started_at = time.time() - (resume["history"]["seconds"] if resume is not None else 0.0)
     with StopOnSignal() as stop:
         history = train_steps(
             model,
@@ -397,8 +398,21 @@ def finetune_run(
         "spbench_version": __version__,
         "torch_version": torch.__version__,
         "config_json": json.dumps(resolved, sort_keys=True),
-        # beyond the table: the curve, for the tracker and for plots
+        # beyond the table: the curve, for the tracker and for plots; when it trained (the
+        # tracker's run times) and on what (its input dataset)
         "train_loss": history.loss,
+        "started_at": started_at,
+        "ended_at": started_at + wall,
+        "target_dataset": {
+            "name": spec.target,
+            "digest": target_meta.get("content_sha256", ""),
+            "source": str(target_dir),
+            "builder": target_meta.get("builder", ""),
+            "n_train": len(x),
+            "n_eval": len(y_eval),
+            "num_classes": target_meta["num_classes"],
+            "evaluation": spec.evaluation,
+        },
     }
     if model_out is not None:
         save_sealed(model_out, {"state_dict": model.state_dict(), "arch": info["arch"],

@@ -1301,7 +1301,7 @@ def write_reports(
 
 
 def summary(runs: pd.DataFrame, reports_dir: str | os.PathLike, *, tracking_uri: str | None = None,
-            baseline: str = "l2") -> str:
+            experiment_id: str | None = None, baseline: str = "l2") -> str:
     """What a finished workflow prints: where Tables 2 and 3 and the figures are, the
     headline (each method's mean paired difference of test accuracy to ``baseline`` over the
     (source, target) cells of Table 2, in percentage points, with how many cells' intervals
@@ -1327,13 +1327,14 @@ def summary(runs: pd.DataFrame, reports_dir: str | os.PathLike, *, tracking_uri:
                      f"95 % interval lies above ↑ / below ↓ 0):")
         lines += [f"    {p}" for p in parts]
     if tracking_uri:
-        where = tracking_uri if tracking_uri.startswith(("http://", "https://")) else None
-        if where:
-            lines.append(f"  MLflow runs: open {where}")
+        from .tracking import runs_page
+
+        if tracking_uri.startswith(("http://", "https://")):
+            lines.append(f"  MLflow runs: open {runs_page(tracking_uri, experiment_id)}")
         else:
             mlflow = Path(sys.executable).with_name("mlflow")
-            lines.append(f"  MLflow runs: {mlflow if mlflow.exists() else 'mlflow'} ui --backend-store-uri {tracking_uri}"
-                         "   (then open http://127.0.0.1:5000)")
+            lines.append(f"  MLflow runs: {mlflow if mlflow.exists() else 'mlflow'} ui --backend-store-uri {tracking_uri}")
+            lines.append(f"    then open {runs_page('http://127.0.0.1:5000', experiment_id)}")
     return "\n".join(lines)
 
 

@@ -52,6 +52,19 @@ FINAL_METRICS = (
 #: Record fields logged as run tags (for filtering in the MLflow UI): the method and the
 #: canonical text of its setting (spbench.config.format_setting) among them.
 TAG_FIELDS = ("method", "setting", "source", "target", "replicate", "freeze")
+#: The experiment tag that makes the MLflow UI open an experiment on its training runs (not on
+#: its GenAI overview of traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def runs_page(base_url: str, experiment_id: str | None) -> str:
+    """The MLflow UI's page of an experiment's training runs. MLflow 3's UI opens an
+    experiment on the view of its global GenAI / model-training switch (GenAI by default),
+    whatever the experiment's kind; ``workflowType=machine_learning`` selects the runs."""
+    base = base_url.rstrip("/")
+    where = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"{base}/#/{where}?workflowType=machine_learning"
 
 
 def _bound_http_retries() -> None:
@@ -84,8 +97,42 @@ def init_experiment(uri: str, experiment: str, artifact_location: str | None = N
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
-    return client.create_experiment(experiment, artifact_location=artifact_location)
+    return client.create_experiment(experiment, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def run_name(record: Mapping[str, Any]) -> str:
+    """A short, readable MLflow run name: method, target, setting (its hyper-parameters, lr
+    last), replicate, and the experiment and evaluation where they are not the main test run,
+    e.g. ``l2_sp · digits-mod3-k5 · alpha=0.1,beta=0.01 · lr=0.05 · rep0``. The full key is the
+    tag ``spbench.run_key``."""
+    from .config import parse_setting
+
+    setting = parse_setting(record["setting"])
+    hparams = ",".join(f"{k}={setting[k]:g}" for k in sorted(setting) if k != "lr")
+    parts = [record["method"], record["target"], *([hparams] if hparams else []), f"lr={setting['lr']:g}",
+             f"rep{record['replicate']}"]
+    if record.get("freeze"):
+        parts.insert(-1, f"freeze{record['freeze']}")
+    if record.get("experiment", "main") != "main" or record.get("evaluation", "test") != "test":
+        parts.insert(0, f"{record['experiment']}/{record['evaluation']}")
+    return " · ".join(parts)
+
+
+def _dataset_input(record: Mapping[str, Any]):
+    """The run's target task as an MLflow input dataset (name, content digest, split sizes)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    info = record.get("target_dataset")
+    if not info:
+        return None
+    profile = {k: info[k] for k in ("n_train", "n_eval", "num_classes", "evaluation", "builder") if k in info}
+    dataset = Dataset(name=info["name"], digest=(info.get("digest") or "unknown")[:36], source_type="local",
+                      source=json.dumps({"uri": info.get("source", "")}), profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
 def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[str, Any], curve: list[float]) -> str:
@@ -94,7 +141,7 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp is not None else init_experiment(uri, experiment)
     key = record["run_key"]
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'")
     for run in found:
@@ -103,9 +150,12 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
             return run.info.run_id
         client.delete_run(run.info.run_id)  # a half-logged earlier attempt
     tags = {RUN_KEY_TAG: key, **{f: str(record[f]) for f in TAG_FIELDS}}
-    run = client.create_run(exp_id, run_name=key, tags=tags)
+    # the run's times are the training's (the record's), not the logging's
+    start_ms = int(1000 * record["started_at"]) if "started_at" in record else None
+    end_ms = int(1000 * record["ended_at"]) if "ended_at" in record else None
+    run = client.create_run(exp_id, start_time=start_ms, run_name=run_name(record), tags=tags)
     run_id = run.info.run_id
-    now = int(time.time() * 1000)
+    now = end_ms or int(time.time() * 1000)
     metrics = [Metric("train_loss", float(v), now, step) for step, v in enumerate(curve)]
     metrics += [Metric(name, float(record[name]), now, 0) for name in FINAL_METRICS]
     flat = flatten(params)
@@ -115,7 +165,10 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
     for i in range(0, len(params_list), 100):
         client.log_batch(run_id, params=params_list[i : i + 100])
     client.log_batch(run_id, tags=[RunTag("spbench.device", str(record["device"]))])
-    client.set_terminated(run_id, "FINISHED")
+    dataset = _dataset_input(record)
+    if dataset is not None:
+        client.log_inputs(run_id, datasets=[dataset])
+    client.set_terminated(run_id, "FINISHED", end_time=end_ms)
     return run_id
 
 
