@@ -1,0 +1,42 @@
+"""Smoke test of benchmarks/train_throughput.py: ``--quick --json`` on the demo network prints
+one JSON object with the expected keys and positive, finite numbers. No timing is asserted (the
+machine may be busy)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_train_throughput_quick(capsys):
+    spec = importlib.util.spec_from_file_location("_bench_train_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    assert module.main(["--quick", "--json", "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("device", "device_name", "torch", "arch", "image_size", "stored_size", "channels", "batch",
+                "steps", "repeats", "threads", "method", "alpha", "beta", "rows"):
+        assert key in res, key
+    assert res["arch"] == "demo_resnet" and res["image_size"] == 16 and res["channels"] == 1
+    assert res["stored_size"] > res["image_size"]  # the random crop has room to move
+    assert res["method"] == "l2_sp" and res["threads"] == 1
+    rows = {row["precision"]: row for row in res["rows"]}
+    assert set(rows) == {"fp32", "bf16"}
+    for name, row in rows.items():
+        for key in ("spbench_images_per_s", "bare_images_per_s", "ratio", "spbench_step_ms", "bare_step_ms"):
+            assert _positive(row[key]), (name, key)
+        lo, hi = row["ratio_range"]
+        assert _positive(lo) and _positive(hi) and lo <= hi, name
+        assert math.isclose(row["ratio"], row["spbench_images_per_s"] / row["bare_images_per_s"])
+        for variant in ("spbench", "bare"):
+            assert len(row["per_repeat"][variant]) == res["repeats"]
+            assert all(_positive(v) for v in row["per_repeat"][variant])
