@@ -46,6 +46,7 @@ __all__ = [
     "compute_fisher",
     "run_config",
     "finetune_run",
+    "evaluation_split",
     "device_name",
     "resolve_device",
     "save_checkpoint",
@@ -223,6 +224,22 @@ def run_config(config: Mapping, spec: RunSpec) -> dict[str, Any]:
     }
 
 
+def evaluation_split(config: Mapping, spec: RunSpec, xs: Mapping[str, Any], ys: Mapping[str, torch.Tensor]):
+    """(x_train, y_train, x_eval, y_eval) of a run: the training split and the test split for a
+    ``test`` run; for ``val{f}``, the training split less fold f (stratified, seeded by the
+    target) and fold f. The evaluated images are seen as the test set is: a cached view's
+    central crops, never its augmentation (a view is narrowed with ``select``: indexing it
+    would return augmented images and draw from its generator)."""
+    x, y = xs["train"], ys["train"]
+    if spec.fold is None:
+        return x, y, xs["test"], ys["test"]
+    sel = config["selection"]
+    train_idx, val_idx = fold_split(y.cpu().numpy(), sel["folds"], spec.fold, derive_seed("folds", spec.target))
+    if isinstance(x, torch.Tensor):
+        return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    return x.select(train_idx), y[train_idx], x.central().select(val_idx), y[val_idx]
+
+
 def finetune_run(
     config: Mapping,
     spec: RunSpec,
@@ -292,17 +309,7 @@ def finetune_run(
     method = make_method(spec.method, context, **spec.hparams).to(dev)
     log.info("run %s (seed %d): %s; %d frozen tensors", spec.key, spec.seed, method.describe(), len(frozen))
 
-    x, y = target_x["train"], target_y["train"]
-    if spec.fold is None:
-        x_eval, y_eval = target_x["test"], target_y["test"]
-    else:
-        # A cached view must be narrowed with select(): indexing it returns augmented images.
-        sel = config["selection"]
-        train_idx, val_idx = fold_split(y.cpu().numpy(), sel["folds"], spec.fold, derive_seed("folds", spec.target))
-        pick = (lambda v, idx: v[idx]) if isinstance(x, torch.Tensor) else (lambda v, idx: v.select(idx))
-        # the held-out fold is scored as the test set is: central crops, no augmentation
-        x_eval, y_eval = pick(x if isinstance(x, torch.Tensor) else x.central(), val_idx), y[val_idx]
-        x, y = pick(x, train_idx), y[train_idx]
+    x, y, x_eval, y_eval = evaluation_split(config, spec, target_x, target_y)
     x, y = x.to(dev), y.to(dev)
     gen = torch.Generator().manual_seed(derive_seed("batches", spec.seed))
     config_json = json.dumps(resolved, sort_keys=True)
