@@ -155,7 +155,7 @@ def report_files():
     tables, figs = report_names()
     return [f"{REPORTS}/{t}.{ext}" for t in tables for ext in ("md", "tex", "html", "csv")] + [
         f"{REPORTS}/{f}.{ext}" for f in figs for ext in ("png", "pdf")
-    ]
+    ] + [f"{REPORTS}/report.html"]
 
 
 def final_outputs():
@@ -178,6 +178,8 @@ def print_summary():
 
 
 def category(path):
+    if path.endswith("/report.html"):
+        return "Report"
     return "Figures" if path.endswith(".png") else "Tables"
 
 

@@ -986,7 +986,7 @@ TABLES = ["table2", "table3", "selection", "paired", "overhead"]
 FIGURES = ["fig1", "fig2", "fig3", "fig4"]
 ALL_FILES = [f"{t}.{e}" for t in TABLES for e in ("md", "tex", "html", "csv")] + [
     f"{f}.{e}" for f in FIGURES for e in ("png", "pdf")
-]
+] + ["report.html"]
 
 
 @pytest.fixture(scope="module")
@@ -1046,7 +1046,7 @@ def test_write_reports_skips_what_the_data_cannot_support(runs, tmp_path, caplog
         paths = reports.write_reports(main, tmp_path / "out")
     names = [p.name for p in paths]
     assert names == [f"{t}.{e}" for t in ("table2", "table3", "paired") for e in ("md", "tex", "html", "csv")] + [
-        "fig2.png", "fig2.pdf"
+        "fig2.png", "fig2.pdf", "report.html"
     ]
     assert all(p.parent == tmp_path / "out" for p in paths)
     for needle in ("skipping selection: selection_table: no validation runs",

@@ -95,6 +95,8 @@ __all__ = [
     "fig3",
     "fig4",
     "write_reports",
+    "report_page",
+    "FIGURE_CAPTIONS",
     "summary",
     "main",
 ]
@@ -1296,8 +1298,50 @@ def write_reports(
         figure.savefig(png, dpi=150)
         figure.savefig(pdf, metadata={"CreationDate": None})
         paths += [png, pdf]
+    page = out / "report.html"
+    page.write_text(report_page([(name, render(frame, "html")) for name, frame, render in tables],
+                                [(name, (out / f"{name}.png").read_bytes()) for name, _ in figures]), encoding="utf-8")
+    paths.append(page)
     logger.info("wrote %d files into %s", len(paths), out)
     return paths
+
+
+#: The figures' captions (the tables carry theirs).
+FIGURE_CAPTIONS: dict[str, str] = {
+    "fig1": "Fig. 1. Target test accuracy over the α × β grid of one method (one line per α), mean ± sample "
+            "std over replicates.",
+    "fig2": "Fig. 2. Target test accuracy of every method on every target: points with bars are the mean ± "
+            "sample std over replicates, dots the replicates.",
+    "fig3": "Fig. 3. Target test accuracy against the number of frozen units; dashed lines: the same setting "
+            "with nothing frozen.",
+    "fig4": "Fig. 4. Per layer, the R² of each unit's fine-tuned activation regressed on its pretrained "
+            "activation (target test images), one box per method.",
+}
+
+
+def report_page(tables: Sequence[tuple[str, str]], figures: Sequence[tuple[str, bytes]]) -> str:
+    """One self-contained HTML page: every table (its HTML rendering, with its caption) and every
+    figure (the PNG inlined as base64, with its caption), a contents list first; nothing is
+    loaded from elsewhere."""
+    import base64
+
+    titles = {"table2": "Table 2", "table3": "Table 3", "selection": "Model selection", "paired": "Paired differences",
+              "overhead": "Overhead"}
+    entries = [(name, titles.get(name, name)) for name, _ in tables]
+    entries += [(name, f"Fig. {name[3:]}" if name.startswith("fig") else name) for name, _ in figures]
+    contents = "".join(f'<li><a href="#{html.escape(n)}">{html.escape(label)}</a></li>' for n, label in entries)
+    body = [f'<section id="{html.escape(name)}">{table}</section>' for name, table in tables]
+    for name, png in figures:
+        data = base64.b64encode(png).decode("ascii")
+        caption = FIGURE_CAPTIONS.get(name, name)
+        body.append(f'<figure id="{html.escape(name)}"><img src="data:image/png;base64,{data}" '
+                    f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{padding:2px 8px;border-bottom:1px solid #ddd}caption{text-align:left;margin-bottom:.5em}"
+             "img{max-width:100%}figure{margin:2em 0}figcaption{margin-top:.5em}")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>spbench report</title>"
+            f"<style>{style}</style></head><body><h1>spbench report</h1><ul>{contents}</ul>"
+            + "".join(body) + "</body></html>\n")
 
 
 def summary(runs: pd.DataFrame, reports_dir: str | os.PathLike, *, tracking_uri: str | None = None,
