@@ -159,7 +159,8 @@ def report_files():
 
 
 def final_outputs():
-    return [f"{RESULTS}/runs.parquet", *analysis_tables().values(), *report_files()]
+    logged = [f"{RESULTS}/tracking_logged.json"] if config["tracking"]["log_from"] == "end" else []
+    return [f"{RESULTS}/runs.parquet", *analysis_tables().values(), *report_files(), *logged]
 
 
 def print_summary():

@@ -40,3 +40,27 @@ rule sync_tracking:
         "../envs/spbench.yaml"
     script:
         "../workflow_scripts/sync_tracking.py"
+
+
+# With tracking.log_from: end, the fine-tunes do not log (nor import MLflow): this one job logs
+# every run MLflow lacks once the records are in (exactly once per run key, as sync_tracking).
+localrules:
+    log_runs,
+
+
+rule log_runs:
+    input:
+        records=all_records,
+        marker=f"{RESULTS}/tracking.json",
+    output:
+        logged=f"{RESULTS}/tracking_logged.json",
+    log:
+        "logs/log_runs.log",
+    params:
+        uri=config["tracking"]["uri"],
+        experiment=config["tracking"]["experiment"],
+        timeout_s=config["tracking"]["timeout_s"],
+    conda:
+        "../envs/spbench.yaml"
+    script:
+        "../workflow_scripts/log_runs.py"

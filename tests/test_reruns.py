@@ -73,6 +73,7 @@ def finished(tmp_path_factory) -> Path:
     # no model selection: a dry run cannot see past a checkpoint that must rerun, and every
     # run should be visible to these checks
     del config["selection"]
+    config["tracking"]["log_from"] = "end"  # one job logs every run at the end
     (work / "c.yaml").write_text(yaml.safe_dump(config))
     _run(["-s", str(REPO / "Snakefile"), "--directory", str(work), "--configfile", "c.yaml", "--cores", "2"], work)
     return work
@@ -129,3 +130,19 @@ def test_a_deleted_record_is_made_again(finished):
         assert planned.get("finetune") == 1 and "aggregate" in planned, planned
     finally:
         record.write_bytes(backup)
+
+
+def test_runs_logged_at_the_end_once_each(finished):
+    """tracking.log_from: end: the log_runs job logged every record once, and found none logged
+    before it (no fine-tune logged its own)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    counts = json.loads((finished / "results" / "tracking_logged.json").read_text())
+    records = list((finished / "results" / "runs").rglob("record.json"))
+    assert counts == {"records": len(records), "already": 0, "logged": len(records), "failed": 0}
+    client = MlflowClient(tracking_uri=f"sqlite:///{finished / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("spbench-tiny")
+    keys = [r.data.tags["spbench.run_key"] for r in client.search_runs([exp.experiment_id], max_results=1000)]
+    assert sorted(keys) == sorted(str(p.parent.relative_to(finished / "results" / "runs")) for p in records)

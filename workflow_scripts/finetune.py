@@ -23,4 +23,6 @@ record, curve = finetune_run(
     checkpoint_path=snakemake.params.checkpoint,
 )
 tracking = snakemake.config["tracking"]
-log_run(tracking["uri"], tracking["experiment"], record, run_config(snakemake.config, spec), curve, timeout_s=tracking["timeout_s"])
+if tracking["log_from"] == "jobs":  # else rule log_runs logs every run once the records are in
+    log_run(tracking["uri"], tracking["experiment"], record, run_config(snakemake.config, spec), curve,
+            timeout_s=tracking["timeout_s"])

@@ -51,7 +51,7 @@ class ConfigError(ValueError):
 
 #: Values used where the config is silent. Documented in config.yaml.
 DEFAULTS: dict[str, Any] = {
-    "tracking": {"timeout_s": 60},
+    "tracking": {"timeout_s": 60, "log_from": "jobs"},
     "fisher": {"samples": 1, "split": "train", "batch_size": 64, "seed": 0},
     "finetune": {
         "lr_schedule": "cosine",
