@@ -816,7 +816,7 @@ def _table2_display(t2: pd.DataFrame) -> _Display:
 def _table3_display(t3: pd.DataFrame) -> _Display:
     caption = (
         "Source-task accuracy drop (percentage points): fine-tuned backbone with the original source "
-        "head (for a method that trains a copy of it, LwF and Co-Tuning: that copy) on source test data, "
+        "head (for LwF, which trains a copy of it to keep the source task, that copy) on source test data, "
         "minus the pretrained network's accuracy (negative = forgotten); "
         f"mean ± sample std over {_replicates_phrase(t3)}; freeze = 0. "
         "“pretrained (%)” is the pretrained network's source accuracy."

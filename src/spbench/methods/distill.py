@@ -3,8 +3,10 @@ outputs: Learning without Forgetting and Co-Tuning (SPEC §7).
 
 Notation: ``g`` the fine-tuned backbone, ``h`` the new head, ``f0`` the frozen source network
 (backbone and source head), ``h_s`` a trainable copy of the source head (initialised from it and
-stepped with the model), K_s source classes. Both score Table 3 with ``h_s`` (their
-:meth:`retention_head`), the head each keeps trained on the source task.
+stepped with the model), K_s source classes. LwF scores Table 3 with its ``h_s`` (its
+:meth:`retention_head`): LwF trains it to keep answering the source task. Co-Tuning does not:
+its ``h_s`` learns p(y_s | y_t), the source classes a target class resembles, whatever the image
+shows, so Table 3 scores it with the original source head, like every other method.
 """
 
 from __future__ import annotations
@@ -116,6 +118,3 @@ class CoTuning(Method):
     def loss(self, out: Forward) -> Tensor:
         target = self.relationship[out.y]
         return self.settings["lambda"] * soft_cross_entropy(target, full_precision(self.source_head(out.features)))
-
-    def retention_head(self) -> nn.Module:
-        return self.source_head
