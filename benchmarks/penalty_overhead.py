@@ -17,8 +17,8 @@ first. On CUDA the device is synchronised before and after every timed region.
 
 Reported per row: median step time (median over repeats of the per-repeat median), overhead
 vs ``none`` (median over repeats of the paired per-repeat difference), the penalty alone
-(``add_grad_()`` timed alone right after each step, and ``prox_()`` for the proximal rows,
-timed alone after the first step of each repeat;
+(``add_grad_()`` timed alone right after each step, plus for the proximal rows the median of
+``prox_()`` timed within each timed step, on the weights the optimizer step has just moved;
 for the baseline: building its loss term and back-propagating through it alone), peak memory
 of a step above what was allocated before it, the persistent state the penalty keeps
 (``w0``, Fisher), and the number of penalised elements (a FLOP-free size of the work).
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> dict:
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bfloat16" else contextlib.nullcontext
     )
 
-    def step(name: str) -> None:
+    def step(name: str, prox_times: list | None = None) -> None:
         pen, term = variants[name]
         with autocast():
             loss = F.cross_entropy(model(x), y)
@@ -280,7 +280,21 @@ def run(args: argparse.Namespace) -> dict:
         loss.backward()
         pen.add_grad_()
         opt.step()
-        pen.prox_(args.lr)
+        if prox_times is None:
+            pen.prox_(args.lr)
+            return
+        # The proximal map's share of the step, timed where it runs (on the weights the
+        # optimizer step has just moved): CUDA events, so that no synchronisation is added.
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            pen.prox_(args.lr)
+            end.record()
+            prox_times.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            pen.prox_(args.lr)
+            prox_times.append(time.perf_counter() - t0)
 
     def timed(fn: Callable[[], object]) -> float:
         sync()
@@ -308,24 +322,23 @@ def run(args: argparse.Namespace) -> dict:
 
     for r in range(args.repeats):
         order = names[r % len(names):] + names[: r % len(names)]
-        for i in range(args.steps):
+        for _ in range(args.steps):
             for n in order:
                 opt.zero_grad(set_to_none=True)
                 if cuda:
                     sync()
                     base = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                step_s[n][r].append(timed(lambda: step(n)))
+                pen, term = variants[n]
+                is_prox = getattr(pen, "variant", None) == "prox"
+                step_s[n][r].append(timed(lambda: step(n, prox_s[n] if is_prox else None)))
                 if cuda:
                     peak_cuda[n] = max(peak_cuda[n], torch.cuda.max_memory_allocated(device) - base)
                 # The penalty alone, right after the step (the gradients exist), outside the step's timing.
-                pen, term = variants[n]
                 if term is not None:
                     add_grad_s[n].append(timed(baseline_alone))
                 else:
                     add_grad_s[n].append(timed(pen.add_grad_))
-                    if getattr(pen, "variant", None) == "prox" and i == 0:  # once per repeat: can be slow
-                        prox_s[n].append(timed(lambda: pen.prox_(args.lr)))
         log(f"repeat {r + 1}/{args.repeats} done at {time.perf_counter() - t_start:.1f} s")
 
     memory = None
@@ -346,6 +359,8 @@ def run(args: argparse.Namespace) -> dict:
 
     # -- summary ----------------------------------------------------------------------------------
     med = statistics.median
+    if cuda:  # the events of the in-step prox_ timings, all complete by now
+        prox_s = {n: [a.elapsed_time(b) / 1e3 for a, b in v] for n, v in prox_s.items()}
     rep_med = {n: [med(s) for s in step_s[n]] for n in names}
     none_rep = rep_med[NONE]
     none_ms = med(none_rep) * 1e3
@@ -401,7 +416,7 @@ def run(args: argparse.Namespace) -> dict:
         "fisher": FISHER_NOTE,
         "memory_measure": mem_method,
         "step": "zero_grad (untimed) | forward, cross-entropy, [baseline term], backward, add_grad_(), SGD-momentum step, prox_(lr)",
-        "penalty_only": "add_grad_() timed alone after a step (+ prox_(lr) alone for the prox rows); "
+        "penalty_only": "add_grad_() timed alone after a step (+ prox_(lr) timed within the step for the prox rows); "
                         "baseline: its loss term built and back-propagated alone",
         "overhead": "median over repeats of (variant - none) per-repeat median step time, in % of none's median step",
         "none_step_ms": none_ms,
@@ -433,7 +448,7 @@ def print_table(res: dict) -> None:
     r = res["baseline_over_l2_sp_overhead"]
     print()
     print("overhead = median over repeats of the paired per-repeat difference to 'none', in % of none's median step.")
-    print("penalty ms = add_grad_() alone (+ prox_() alone for /prox rows); for the baseline, its loss term + backward alone.")
+    print("penalty ms = add_grad_() alone (+ prox_() timed within the step for /prox rows); for the baseline, its loss term + backward alone.")
     print(f"{BASELINE}: sum((w - w0[name]).pow(2).sum()) over model.named_parameters(), w0 in a dict, * alpha/2, "
           f"+ beta/2 * head, added to the loss (autograd).")
     print("baseline overhead / l2_sp overhead: " + ("n/a (l2_sp overhead <= 0, within noise)" if r is None else f"{r:.2f}")

@@ -187,6 +187,67 @@ def test_add_grad_default_path_matches_loop(name):
             torch.testing.assert_close(p.grad, g, rtol=1e-13, atol=1e-15)
 
 
+GROUP_NAMES = [n for n in NAMES if n.startswith("gl_sp")]
+
+
+def _group_fast_path(path: str):
+    from spbench.penalties import _group_grad_flat_, _group_grad_per_tensor_
+
+    return {"per_tensor": _group_grad_per_tensor_, "flat": _group_grad_flat_}[path]
+
+
+@pytest.mark.parametrize("path", ["per_tensor", "per_tensor_small_blocks", "flat"])
+@pytest.mark.parametrize("scope", ["all", "weights"])
+@pytest.mark.parametrize("name", GROUP_NAMES)
+def test_group_fast_paths_match_loop_and_autograd(name, scope, path, monkeypatch):
+    """The smoothed group penalties' two fast paths — tensor by tensor, in blocks of rows,
+    through a reused workspace (the CPU path of add_grad_; also with blocks of a few rows),
+    and all tensors at once as blocks of equal group size in one flat vector (the accelerator
+    path, run here on the CPU) — add the same gradient as the per-tensor reference loop and as
+    autograd of value(), in float64."""
+    if path == "per_tensor_small_blocks":
+        monkeypatch.setattr("spbench.penalties._BLOCK_BYTES", 1000)  # a few rows per block
+        path = "per_tensor"
+    model, penalty, inherited, head, w0, fisher = _setup(name, scope)
+    params = list(inherited.values())
+    expected = _autograd_grads(penalty, params)
+    gen = torch.Generator().manual_seed(3)
+    initial = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    for p, g0 in zip(params, initial):
+        p.grad = g0.clone()
+    penalty.add_grad_(foreach=False)
+    loop = [p.grad.clone() for p in params]
+    for p, g0 in zip(params, initial):
+        p.grad = g0.clone()
+    fishers = [penalty.fisher[n] for n in inherited] if penalty.uses_fisher else None
+    with torch.no_grad():
+        _group_fast_path(path)([p.grad for p in params], params, [penalty.w0[n] for n in inherited], fishers,
+                               penalty.alpha, penalty.eps)
+    assert any(p.ndim == 1 for p in params) == (scope == "all") and any(p.ndim == 4 for p in params)
+    for n, p, g0, lg, ag in zip(inherited, params, initial, loop, expected):
+        torch.testing.assert_close(p.grad, lg, rtol=1e-12, atol=1e-15, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(p.grad, g0 + ag, rtol=1e-12, atol=1e-14, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "none"])
+def test_fast_path_on_channels_last_weights(name):
+    """Convolution weights in channels_last memory format (not contiguous as rows): the fast
+    path still adds the reference loop's gradient to their (channels_last) .grad."""
+    model, penalty, *_ = _setup(name)
+    model.to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    assert any(p.ndim == 4 and not p.is_contiguous() for p in params)
+    assert all(p.is_contiguous() for p in penalty.buffers())  # w0, F as built: other strides
+    grads = {}
+    for foreach in (False, True):
+        for p in params:
+            p.grad = torch.ones_like(p)  # the same memory format as p, as autograd's would be
+        penalty.add_grad_(foreach=foreach)
+        grads[foreach] = [p.grad.clone() for p in params]
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("name", NAMES)
 def test_add_grad_leaves_frozen_parameters_alone(name, foreach):

@@ -1,5 +1,6 @@
 """Every registered penalty on a real torchvision ResNet-18 with a new head, in float64:
-fast path == per-tensor reference == autograd of the explicit Ω (value and gradient), and
+fast path == per-tensor reference == autograd of the explicit Ω (value and gradient; for the
+group penalties also their all-tensors-at-once path), and
 20 SGD-momentum steps with the in-place gradient land on the same weights as 20 steps on J + Ω."""
 
 from __future__ import annotations
@@ -58,9 +59,23 @@ def test_fast_path_reference_and_autograd_agree(name):
             p.grad = None
         penalty.add_grad_(foreach=foreach)
         results[foreach] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
-    for loop, fast, auto in zip(results[False], results[True], autograd):
+    if name.startswith("gl_sp"):  # the group penalties' all-at-once path (accelerators), here on the CPU
+        from spbench.penalties import _group_grad_flat_
+
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inherited = penalty._inherited
+        fishers = penalty.fisher.values() if penalty.uses_fisher else None
+        with torch.no_grad():
+            _group_grad_flat_([p.grad for p in inherited], inherited, penalty.w0.values(), fishers, penalty.alpha, penalty.eps)
+            for p in penalty._head:
+                p.grad.add_(p, alpha=penalty.beta)
+        results["flat"] = [p.grad.clone() for p in params]
+    for i, (loop, fast, auto) in enumerate(zip(results[False], results[True], autograd)):
         torch.testing.assert_close(fast, loop, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(loop, auto, rtol=1e-10, atol=1e-12)
+        if "flat" in results:
+            torch.testing.assert_close(results["flat"][i], loop, rtol=1e-12, atol=1e-14)
     if name != "none":
         assert float(value.detach()) > 0
         assert any(float(g.abs().max()) > 0 for g in autograd)

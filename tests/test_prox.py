@@ -139,6 +139,25 @@ def test_prox_variant_gradient_is_head_only_and_value_exact(name):
         torch.testing.assert_close(pen.value(), 0.5 * exact + 0.05 * head["head.weight"].pow(2).sum())
 
 
+@pytest.mark.parametrize("name", ["l1_sp", "gl_sp"])
+def test_prox_in_blocks_of_rows_is_the_whole_tensor_map(name, monkeypatch):
+    """On the CPU prox_ works in place through blocks of a few rows; each block is the
+    closed-form map of its rows, so the result is that of the map on the whole tensor, bit for
+    bit (here with blocks of 2 rows of the convolution, 18 elements of the 1-D tensor)."""
+    from spbench.penalties import make_penalty as make
+
+    inherited, head = _params()
+    pen = make(name, inherited, head, alpha=0.2, beta=0.0, variant="prox")
+    w0 = _depart(inherited, 0.05)
+    before = {n: p.detach().clone() for n, p in inherited.items()}
+    monkeypatch.setattr("spbench.penalties._BLOCK_BYTES", 4 * 18 * 8 // 2)  # 2 of the conv's rows, 18 elements of bn
+    pen.prox_(0.25)
+    for n, p in inherited.items():
+        assert torch.equal(p.detach(), w0[n] + pen._prox(before[n] - w0[n], 0.25 * 0.2, None)), n
+    moved = torch.cat([(p.detach() != w0[n]).flatten() for n, p in inherited.items()])
+    assert bool(moved.any()) and not bool(moved.all())
+
+
 def test_bad_variant_and_eps_are_refused():
     inherited, head = _params()
     with pytest.raises(ValueError, match="variant"):
@@ -207,3 +226,185 @@ def test_method_applies_the_prox_after_the_optimizer_step(name):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     w0 = method.penalty.w0
     assert any(bool((p.detach() == w0[n]).any()) for n, p in inherited.items())  # the prox set some departures to 0
+
+
+# -- the Fisher group prox's Newton solve against the bisection it replaced ------------------------
+
+
+def _bisection_prox_rows(d: torch.Tensor, f: torch.Tensor, t: float, iterations: int = 64) -> torch.Tensor:
+    """The former solver, kept as a reference: λ by 64 halvings of log λ over [-60, 60]."""
+    rows = d.reshape(d.shape[0], -1) if d.ndim >= 2 else d.reshape(-1, 1)
+    fr = (f.reshape(f.shape[0], -1) if f.ndim >= 2 else f.reshape(-1, 1)).clamp_min(1e-30)
+    ts = t * math.sqrt(rows.shape[1])
+    zero = (rows.pow(2) / fr).sum(dim=1) <= ts * ts
+    lo = torch.full((rows.shape[0], 1), -60.0, dtype=d.dtype)
+    hi = torch.full_like(lo, 60.0)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lam = mid.exp()
+        g = lam.squeeze(1) * torch.sqrt((fr * (rows / (1 + lam * fr)).pow(2)).sum(dim=1)) - ts
+        up = (g > 0).unsqueeze(1)
+        hi = torch.where(up, mid, hi)
+        lo = torch.where(up, lo, mid)
+    u = rows / (1 + ((lo + hi) / 2).exp() * fr)
+    u[zero] = 0
+    return u.reshape(d.shape)
+
+
+def _extreme_case(seed: int, shape=(40, 6, 3, 3)):
+    """Departures over 5 decades, Fisher entries over 12 (1e-8 .. 1e4, within a group too), some
+    groups with one Fisher value (closed form), and t such that about half of the groups are
+    zero; four groups put at the zero threshold (factors 1, 1 ± 1e-12, 1 + 1e-9)."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[0]
+    k = math.prod(shape[1:]) if len(shape) > 1 else 1
+    d = torch.randn(c, k, generator=g, dtype=torch.float64) * 10 ** torch.empty(c, 1, dtype=torch.float64).uniform_(-4, 1, generator=g)
+    f = 10 ** torch.empty(c, k, dtype=torch.float64).uniform_(-8, 4, generator=g)
+    if k > 1:
+        f[:6] = f[:6, :1]  # constant over the group
+        f[6], f[7] = 1e-8, 1e4
+    threshold = (d * d / f).sum(dim=1).sqrt()
+    ts = float(threshold.median())
+    t = ts / math.sqrt(k)
+    for row, factor in zip(range(8, 12), (1.0, 1 + 1e-12, 1 - 1e-12, 1 + 1e-9)):
+        d[row] *= factor * ts / threshold[row]
+    return d.reshape(shape), f.reshape(shape), t
+
+
+def _assert_close_per_group(new: torch.Tensor, old: torch.Tensor, d: torch.Tensor, tol: float = 1e-12) -> None:
+    """|new − old| ≤ tol·|old| + tol·max_g|d| in every group g (u is 0 where d is tiny)."""
+    rows = lambda x: x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(-1, 1)  # noqa: E731
+    scale = rows(d).abs().amax(dim=1, keepdim=True)
+    torch.testing.assert_close(rows(new) / scale, rows(old) / scale, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fisher_group_prox_matches_the_bisection(seed):
+    """The Newton solve gives the former bisection's u to 1e-12 (float64), on extreme Fisher
+    values and on groups at the zero threshold; the zero groups are the same ones (but for a
+    group exactly at the threshold, which either may leave at rounding level)."""
+    from spbench.penalties import _fisher_group_prox_rows
+
+    d, f, t = _extreme_case(seed)
+    new, old = _fisher_group_prox_rows(d, f, t), _bisection_prox_rows(d, f, t)
+    _assert_close_per_group(new, old, d)
+    size_new, size_old, size_d = (x.reshape(x.shape[0], -1).abs().amax(dim=1) for x in (new, old, d))
+    assert torch.equal(size_new > 1e-12 * size_d, size_old > 1e-12 * size_d)
+    assert bool((size_new[size_old == 0] == 0).all()) and 0 < int((size_new == 0).sum()) < new.shape[0]
+
+
+def test_fisher_group_prox_flat_and_closed_form_match_the_bisection():
+    """The all-tensors-at-once solver (accelerators) on several shapes at once, and the closed
+    form for groups of one element (1-D tensors on the CPU), against the bisection; a Fisher
+    entry of exactly 0 counts as 1e-30, as before; t = 0 leaves d unchanged."""
+    from spbench.penalties import _fisher_group_prox, _fisher_prox_single
+
+    cases = [_extreme_case(10, (40, 6, 3, 3)), _extreme_case(11, (30, 17)), _extreme_case(12, (50,))]
+    t = cases[0][2]
+    diffs = [d for d, _, _ in cases]
+    fishers = [f for _, f, _ in cases]
+    fishers[1][3, :5] = 0.0
+    fishers[2][:3] = 0.0
+    flat = _fisher_group_prox(diffs, fishers, t)
+    for d, f, u in zip(diffs, fishers, flat):
+        _assert_close_per_group(u, _bisection_prox_rows(d, f, t), d)
+    assert all(bool((u == 0).any()) and bool((u != 0).any()) for u in flat)
+    d1, f1, t1 = cases[2][0], fishers[2], cases[2][2]  # with its own t: its threshold groups
+    (u1,) = _fisher_prox_single([d1], [f1], t1)
+    _assert_close_per_group(u1, _bisection_prox_rows(d1, f1, t1), d1)
+    assert bool((u1 == 0).any()) and bool((u1 != 0).any())
+    assert all(torch.equal(u, d) for u, d in zip(_fisher_group_prox(diffs, fishers, 0.0), diffs))
+    assert torch.equal(_fisher_prox_single([d1], [f1], 0.0)[0], d1)
+
+
+def test_fisher_group_prox_of_groups_that_did_not_move():
+    """A group with d = 0 exactly (a channel whose gradient is zero) stays at 0 in both
+    solvers, without NaN and without holding up the iteration of the others."""
+    from spbench.penalties import _fisher_group_prox, _fisher_group_prox_rows, _fisher_prox_mu
+
+    d, f, t = _extreme_case(20, (30, 17))
+    d[[0, 5, 29]] = 0.0
+    for u in (_fisher_group_prox_rows(d, f, t), _fisher_group_prox([d], [f], t)[0]):
+        assert not bool(u.isnan().any()) and bool((u[[0, 5, 29]] == 0).all())
+        _assert_close_per_group(u[1:5], _bisection_prox_rows(d, f, t)[1:5], d[1:5])
+    gid = torch.arange(30).repeat_interleave(17)
+    flat_d, flat_f = d.reshape(-1), f.reshape(-1)
+    ts = torch.full((30,), t * math.sqrt(17), dtype=torch.float64)
+
+    def group_sum(x):
+        return torch.zeros(30, dtype=x.dtype).index_add_(0, gid, x)
+
+    def solve(cap):
+        return _fisher_prox_mu(flat_f * flat_d * flat_d, flat_f, ts, group_sum, lambda m: m[gid], max_iterations=cap)
+
+    assert torch.equal(solve(12), solve(100)) and bool((solve(100)[[0, 5, 29]] == 0).all())
+
+
+def test_fisher_prox_newton_converges_in_a_handful_of_iterations():
+    """On the extreme cases the iteration has stopped (every group converged) within 12 Newton
+    steps: capping it there gives the uncapped result, bit for bit."""
+    from spbench.penalties import _fisher_prox_mu
+
+    for seed in range(4):
+        d, f, t = _extreme_case(seed)
+        rows, fr = d.reshape(d.shape[0], -1), f.reshape(f.shape[0], -1)
+        ts = t * math.sqrt(rows.shape[1])
+        live = (rows * rows / fr).sum(dim=1) > ts * ts
+        a, fl = (fr * rows * rows)[live], fr[live]
+        assert torch.equal(_fisher_prox_mu(a, fl, ts, max_iterations=12), _fisher_prox_mu(a, fl, ts))
+        assert not torch.equal(_fisher_prox_mu(a, fl, ts, max_iterations=1), _fisher_prox_mu(a, fl, ts))
+
+
+@pytest.mark.parametrize("block_bytes", [None, 300])
+def test_fisher_prox_step_matches_the_bisection_on_every_tensor(block_bytes, monkeypatch):
+    """prox_ of gl_sp_fisher on the CPU (closed form for the 1-D tensor, Newton per row for the
+    convolution, in blocks of rows: also with one row per block) sets w = w0 + u with u the
+    bisection's, to 1e-12, extreme Fisher included."""
+    if block_bytes:
+        monkeypatch.setattr("spbench.penalties._BLOCK_BYTES", block_bytes)
+    inherited, head = _params()
+    g = torch.Generator().manual_seed(7)
+    fisher = {n: 10 ** torch.empty(p.shape, dtype=torch.float64).uniform_(-8, 4, generator=g) for n, p in inherited.items()}
+    pen = make_penalty("gl_sp_fisher", inherited, head, alpha=0.3, beta=0.0, fisher=fisher, variant="prox")
+    w0 = _depart(inherited, 0.5)
+    before = {n: p.detach().clone() for n, p in inherited.items()}
+    lr = 0.05
+    pen.prox_(lr)
+    zeros = 0
+    for n, p in inherited.items():
+        d = before[n] - w0[n]
+        expected = w0[n] + _bisection_prox_rows(d, fisher[n], lr * 0.3)
+        _assert_close_per_group(p.detach() - w0[n], expected - w0[n], d)
+        zeros += int((p.detach() == w0[n]).sum())
+    assert zeros > 0
+
+
+def test_fisher_prox_step_in_float32_and_channels_last():
+    """The same prox_ step on a float32 copy of the network (the iteration's stopping rule
+    in float32 rounding) and on channels_last weights (not contiguous as rows) lands where
+    the float64 one does, to float32 rounding and to float64 rounding."""
+    from spbench.models import build_model, split_parameters
+
+    def run(dtype, channels_last=False):
+        torch.manual_seed(0)
+        model = build_model("demo_resnet", 3, 1).to(dtype)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        inherited, head = split_parameters(model)
+        g = torch.Generator().manual_seed(1)
+        fisher = {n: (10 ** torch.empty(p.shape, dtype=torch.float64).uniform_(-3, 2, generator=g)).to(dtype)
+                  for n, p in inherited.items()}
+        pen = make_penalty("gl_sp_fisher", inherited, head, alpha=0.3, beta=0.0, fisher=fisher, variant="prox")
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in inherited.values():
+                p.add_((0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(dtype))
+        pen.prox_(0.1)
+        return [p.detach().double().contiguous() for p in inherited.values()], pen
+
+    ref, pen = run(torch.float64)
+    assert any(bool((p == w0).any()) for p, w0 in zip(ref, pen.w0.values()))  # some groups at w0
+    for a, b in zip(run(torch.float64, channels_last=True)[0], ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    for a, b in zip(run(torch.float32)[0], ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
