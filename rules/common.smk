@@ -179,7 +179,7 @@ def print_summary():
 
 
 def category(path):
-    if path.endswith("/report.html"):
+    if Path(path).name == "report.html":
         return "Report"
     return "Figures" if path.endswith(".png") else "Tables"
 

@@ -124,7 +124,7 @@ def test_expand_runs_covers_the_study(demo):
     assert {r.method for r in main} == {"none", "l2", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher",
                                         "lwf", "delta", "bss", "co_tuning"}
     assert len(main) == 11 * 3 * 3
-    assert {r.setting_text for r in main if r.method == "bss"} == {"eta=0.001,k=1,lr=0.05"}
+    assert {r.setting_text for r in main if r.method == "bss"} == {"eta=0.001_k=1_lr=0.05"}
     assert {r.hparams["alpha"] for r in main if r.method == "l2_sp"} == {0.1}
     assert all(r.hparams == {} and r.setting_text == "lr=0.05" for r in runs if r.method == "none")
     fig1 = [r for r in runs if r.experiment == "alpha_beta"]
@@ -146,8 +146,8 @@ def test_run_key_and_seed():
     target, evaluation, replicate) only, so methods are compared on paired seeds."""
     setting = {"alpha": 0.1, "beta": 1e-5, "lr": 0.05}
     a = RunSpec("s", "t", "l2_sp", setting, 0, 3)
-    assert a.key == "main/s/t/l2_sp/alpha=0.1,beta=1e-05,lr=0.05/freeze0/test/rep3"
-    assert a.setting_text == "alpha=0.1,beta=1e-05,lr=0.05"
+    assert a.key == "main/s/t/l2_sp/alpha=0.1_beta=1e-05_lr=0.05/freeze0/test/rep3"
+    assert a.setting_text == "alpha=0.1_beta=1e-05_lr=0.05"
     assert a.hparams == {"alpha": 0.1, "beta": 1e-5} and a.lr == 0.05
     assert RunSpec("s", "t", "l2_sp", {"lr": 0.05, "beta": 1e-5, "alpha": 0.1}, 0, 3) == a  # order-free
     assert fmt_num(float("0.10")) == "0.1"
@@ -170,18 +170,18 @@ def test_run_path_roundtrip():
     """A run's key is RunSpec.PATTERN filled with its wildcards; from_wildcards reads it back,
     and refuses a setting that is not in canonical form (two paths for one run)."""
     a = RunSpec("s", "t", "bss", {"eta": 0.001, "k": 2, "lr": 0.05}, 1, 0, evaluation="val2", experiment="select")
-    assert a.key == "select/s/t/bss/eta=0.001,k=2,lr=0.05/freeze1/val2/rep0"
+    assert a.key == "select/s/t/bss/eta=0.001_k=2_lr=0.05/freeze1/val2/rep0"
     assert a.key == RunSpec.PATTERN.format(**a.wildcards)
     assert set(a.wildcards) == set(RunSpec.WILDCARDS)
     for name, value in a.wildcards.items():
         assert re.fullmatch(RunSpec.WILDCARDS[name], value), name
     assert RunSpec.from_wildcards(a.wildcards) == a
-    for bad in ("k=2,eta=0.001,lr=0.05", "eta=1e-3,k=2,lr=0.05", "eta=0.001,k=2,lr=.05", "eta=0.001,k=2,lr=0.05,"):
+    for bad in ("k=2_eta=0.001_lr=0.05", "eta=1e-3_k=2_lr=0.05", "eta=0.001_k=2,lr=.05", "eta=0.001_k=2_lr=0.05,"):
         with pytest.raises(ValueError):
             RunSpec.from_wildcards({**a.wildcards, "setting": bad})
     # k=2.0 is the canonical text of a float: the path parses, and the method refuses it
     # (the workflow's get_run_spec resolves the hyper-parameters of every requested path)
-    spec = RunSpec.from_wildcards({**a.wildcards, "setting": "eta=0.001,k=2.0,lr=0.05"})
+    spec = RunSpec.from_wildcards({**a.wildcards, "setting": "eta=0.001_k=2.0_lr=0.05"})
     with pytest.raises(ValueError, match="integer"):
         method_class("bss").resolve_hparams(spec.hparams)
 
@@ -191,10 +191,10 @@ def test_setting_text():
     and refuses anything but the canonical text."""
     setting = {"lr": 0.05, "k": 3, "eta": 1e-05, "beta": 0.0}
     text = format_setting(setting)
-    assert text == "beta=0.0,eta=1e-05,k=3,lr=0.05"
+    assert text == "beta=0.0_eta=1e-05_k=3_lr=0.05"
     assert parse_setting(text) == setting
     assert type(parse_setting(text)["k"]) is int and type(parse_setting(text)["beta"]) is float
     assert format_setting({"alpha": 1}) == "alpha=1" and format_setting({"alpha": 1.0}) == "alpha=1.0"
-    for bad in ("lr=0.05,alpha=0.1", "alpha", "alpha=0.10", "alpha=0.1,,lr=0.05", "1x=0.1"):
+    for bad in ("lr=0.05_alpha=0.1", "alpha", "alpha=0.10", "alpha=0.1,,lr=0.05", "1x=0.1"):
         with pytest.raises(ValueError):
             parse_setting(bad)

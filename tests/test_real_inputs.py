@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+
+from spbench.integrity import load_sealed
 import yaml
 
 from fake_sources import FileServer, Served, caltech_entries, make_tar
@@ -93,7 +95,7 @@ def test_workflow_downloads_prepares_and_builds_the_source(server, tmp_path):
     info = json.loads((tmp_path / "results" / "sources" / "src" / "info.json").read_text())
     assert info["weights"] == "download" and info["checksum"] == config["downloads"]["weights"]["checksum"]
     assert 0.0 <= info["test_accuracy"] <= 1.0
-    blob = torch.load(tmp_path / "results" / "sources" / "src" / "model.pt", weights_only=True)
+    blob = load_sealed(tmp_path / "results" / "sources" / "src" / "model.pt")  # sealed with its digest
     torch.testing.assert_close(blob["state_dict"]["head.weight"], demo_weights(3)["fc.weight"])
     assert len(server.requests) == 2  # one request per file
 

@@ -50,7 +50,7 @@ K5, K10 = "digits-mod3-k5", "digits-mod3-k10"
 SETTING = ("method", "setting")
 KEY = ("source", "target", *SETTING)
 #: LwF's setting in the tests that add a method beyond the penalties
-LWF = "lambda=1.0,lr=0.05,temperature=2.0"
+LWF = "lambda=1.0_lr=0.05_temperature=2.0"
 
 
 def _load_generator():
@@ -90,8 +90,8 @@ def _by_cell(frame: pd.DataFrame) -> dict[tuple, dict]:
 
 def _values(text: str) -> dict[str, float]:
     """A setting's hyper-parameter values, read by hand from its text (``name=value`` pairs
-    joined by commas)."""
-    return {name: float(value) for name, value in (part.split("=") for part in text.split(","))}
+    joined by underscores; a value holds no underscore)."""
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"([A-Za-z][A-Za-z0-9_]*?)=([^_=]+)(?:_|$)", text)}
 
 
 def _respell(frame: pd.DataFrame, method: str | None = None, hparams: dict | None = None, **values) -> pd.DataFrame:
@@ -226,7 +226,7 @@ def test_fixtures_are_what_the_generator_writes(gen, runs, r2, overhead):
         assert row["run_key"] == (f"{row['experiment']}/{row['source']}/{row['target']}/{row['method']}/"
                                   f"{row['setting']}/freeze{row['freeze']}/{row['evaluation']}/rep{row['replicate']}")
     assert set(runs.loc[runs["method"] == "none", "setting"]) == {"lr=0.01"}
-    assert set(runs.loc[runs["method"] == "l2", "setting"]) >= {"alpha=0.01,beta=0.01,lr=0.01"}
+    assert set(runs.loc[runs["method"] == "l2", "setting"]) >= {"alpha=0.01_beta=0.01_lr=0.01"}
     assert set(runs["retention_head"]) == {"original"} and set(runs["n_method_parameters"]) == {0}
 
 
@@ -256,7 +256,7 @@ def test_selection_matches_brute_force(runs, gen):
     assert set(chosen.values()) == {gen.penalty_setting(p, a, b, lr) for p, a, b, lr in gen.SELECTED}
     tie = table[(table["target"] == gen.TIE_TARGET) & (table["method"] == "l2_sp_fisher")]
     assert tie["mean"].nunique() == 1 and len(tie) == 2
-    assert tie.loc[tie["selected"], "setting"].tolist() == ["alpha=0.1,beta=0.01,lr=0.01"]
+    assert tie.loc[tie["selected"], "setting"].tolist() == ["alpha=0.1_beta=0.01_lr=0.01"]
     chosen_frame = reports.selected_settings(runs)
     assert list(chosen_frame.columns) == list(KEY)
     assert {tuple(r) for r in chosen_frame.itertuples(index=False)} == {(*g[:2], *s) for g, s in chosen.items()}
@@ -268,7 +268,7 @@ def test_selection_ties_go_to_smallest_alpha_then_beta_then_lr(runs):
     extra = _respell(flat[val & (flat["method"] == "l2") & (flat["alpha"] == 0.001)], beta=0.001)
     chosen = reports.selected_settings(pd.concat([flat, extra], ignore_index=True))
     l2 = chosen[chosen["method"] == "l2"]
-    assert l2["setting"].drop_duplicates().tolist() == ["alpha=0.001,beta=0.001,lr=0.005"]
+    assert l2["setting"].drop_duplicates().tolist() == ["alpha=0.001_beta=0.001_lr=0.005"]
     assert len(l2) == 2  # one per target
 
 
@@ -279,7 +279,7 @@ def test_ties_compare_values_not_setting_text(runs):
     flat = runs.assign(test_accuracy=np.where(val, 0.5, runs["test_accuracy"]))
     tiny = _respell(flat[val & (flat["method"] == "l2") & (flat["alpha"] == 0.001)], alpha=1e-05)
     chosen = reports.selected_settings(pd.concat([flat, tiny], ignore_index=True))
-    assert chosen.loc[chosen["method"] == "l2", "setting"].tolist() == ["alpha=1e-05,beta=0.01,lr=0.005"] * 2
+    assert chosen.loc[chosen["method"] == "l2", "setting"].tolist() == ["alpha=1e-05_beta=0.01_lr=0.005"] * 2
     main = runs[runs["experiment"] == "main"]
     l2_sp = main[(main["method"] == "l2_sp") & (main["alpha"] == 0.1)]
     spread = pd.concat([main, _respell(l2_sp, alpha=10.0), _respell(l2_sp, alpha=1e-05)], ignore_index=True)
@@ -289,7 +289,7 @@ def test_ties_compare_values_not_setting_text(runs):
     test = runs[(runs["evaluation"] == "test") & (runs["experiment"] == "main")]
     l2 = test[test["method"] == "l2"]
     paired = reports.paired_differences(pd.concat([test, _respell(l2, alpha=1e-05)], ignore_index=True))
-    assert set(paired["baseline_setting"]) == {"alpha=1e-05,beta=0.01,lr=0.01"}
+    assert set(paired["baseline_setting"]) == {"alpha=1e-05_beta=0.01_lr=0.01"}
 
 
 def test_selection_never_looks_at_test_runs(runs):
@@ -371,7 +371,7 @@ def test_without_selection_every_setting_is_a_column(runs):
     main = runs[(runs["experiment"] == "main")]
     t2 = reports.table2(main)
     l2_sp = t2[(t2["method"] == "l2_sp") & (t2["target"] == K5)]
-    assert l2_sp["setting"].tolist() == ["alpha=0.01,beta=0.01,lr=0.01", "alpha=0.1,beta=0.01,lr=0.01"]
+    assert l2_sp["setting"].tolist() == ["alpha=0.01_beta=0.01_lr=0.01", "alpha=0.1_beta=0.01_lr=0.01"]
     labels = list(reports.setting_labels(t2).values())
     assert labels == ["none", "l2", "l2_sp (α=0.01, β=0.01)", "l2_sp (α=0.1, β=0.01)", "l2_sp_fisher",
                       "l1_sp", "gl_sp", "gl_sp_fisher"]
@@ -389,7 +389,7 @@ def test_lr_shows_in_labels_only_when_a_method_has_several(runs):
     # the l2 reference is the setting with most replicates, ties to the first in report order
     # (smallest alpha, then beta, then lr): both have 3, same alpha and beta, so the smaller lr
     base = t2[t2["is_baseline"]]
-    assert base["setting"].tolist() == ["alpha=0.01,beta=0.01,lr=0.01"] * 2
+    assert base["setting"].tolist() == ["alpha=0.01_beta=0.01_lr=0.01"] * 2
     assert "(Δ reference)" in reports.render_table2(t2)
 
 
@@ -466,9 +466,9 @@ def test_paired_baseline_without_validation_is_the_l2_setting_with_most_replicat
     fewer = _respell(l2[l2["replicate"] < 2], alpha=0.001)  # 2 replicates, smaller alpha
     more = _respell(l2, alpha=0.1)  # 3 replicates, like the original; ties go to the smaller alpha (0.01)
     paired = reports.paired_differences(pd.concat([test, fewer, more], ignore_index=True))
-    assert set(paired["baseline_setting"]) == {"alpha=0.01,beta=0.01,lr=0.01"}
+    assert set(paired["baseline_setting"]) == {"alpha=0.01_beta=0.01_lr=0.01"}
     assert set(paired["baseline_method"]) == {"l2"} and set(paired["baseline_rule"]) == {"most replicates"}
-    against_fewer = paired[(paired["method"] == "l2") & (paired["setting"] == "alpha=0.001,beta=0.01,lr=0.01")]
+    against_fewer = paired[(paired["method"] == "l2") & (paired["setting"] == "alpha=0.001_beta=0.01_lr=0.01")]
     assert against_fewer["n"].tolist() == [2, 2]
 
 
@@ -571,7 +571,7 @@ def _lwf_selection(gen) -> pd.DataFrame:
 
 
 def test_selection_over_a_non_alpha_hyper_parameter(runs, gen):
-    lam2, lam10 = "lambda=2.0,lr=0.05,temperature=2.0", "lambda=10.0,lr=0.05,temperature=2.0"
+    lam2, lam10 = "lambda=2.0_lr=0.05_temperature=2.0", "lambda=10.0_lr=0.05_temperature=2.0"
     lwf = _lwf_selection(gen)
     both = pd.concat([runs, lwf], ignore_index=True)
     table = reports.selection_table(both)
@@ -624,7 +624,7 @@ def test_a_method_selected_differently_per_target_is_one_column_and_one_legend_e
     each cell naming its setting; Fig. 2 has one legend entry for LwF."""
     both = pd.concat([runs, _lwf_selection(gen)], ignore_index=True)
     t2, t3 = reports.table2(both), reports.table3(both)
-    assert reports.method_columns(t2)[("lwf", "lambda=10.0,lr=0.05,temperature=2.0")] == "lwf"
+    assert reports.method_columns(t2)[("lwf", "lambda=10.0_lr=0.05_temperature=2.0")] == "lwf"
     for table in (reports.render_table2(t2), reports.render_table3(t3)):
         body = _md_rows(table)
         assert body[0].count("lwf") == 1 and not any(h.startswith("lwf (") for h in body[0])
@@ -963,7 +963,7 @@ def test_fig4_boxes_per_layer_and_method(r2):
 def test_fig4_labels_a_method_with_several_settings_by_its_hyper_parameters(r2):
     l2_sp = r2[r2["method"] == "l2_sp"]
     lwf = r2[r2["method"] == "l2"].assign(method="lwf", setting=LWF)
-    more = pd.concat([r2, l2_sp.assign(setting="alpha=1.0,beta=0.01,lr=0.01"), lwf], ignore_index=True)
+    more = pd.concat([r2, l2_sp.assign(setting="alpha=1.0_beta=0.01_lr=0.01"), lwf], ignore_index=True)
     fig = reports.fig4(more)
     boxes = sum(len(c.boxes) for c in fig.axes[0].containers)
     assert boxes == 4 * 5

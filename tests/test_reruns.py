@@ -56,7 +56,7 @@ def test_no_configfile_runs_the_demo():
     out = _run(["-n"], REPO)
     demo = yaml.safe_load((REPO / "config.yaml").read_text())
     assert set(re.findall(r"method=(\w+)", out)) <= set(demo["grid"]["methods"])
-    run = "results/runs/main/digits-src/digits-mod3-k20/lwf/lambda=1.0,lr=0.05,temperature=2.0/freeze0/test/rep0/record.json"
+    run = "results/runs/main/digits-src/digits-mod3-k20/lwf/lambda=1.0_lr=0.05_temperature=2.0/freeze0/test/rep0/record.json"
     planned = _run(["-n", run], REPO)
     assert "digits-mod3-k20" in planned and "finetune" in planned
     refused = subprocess.run([SNAKEMAKE, "-n", "--configfile", "config/tiny.yaml", run], cwd=REPO,

@@ -15,9 +15,9 @@ def make_record(**overrides) -> dict:
         "int64": 1,
     }
     record = {f.name: values[str(f.type)] for f in SCHEMA}
-    record.update(experiment="main", source="s", target="t", method="l2_sp", setting="alpha=0.1,beta=0.01,lr=0.5",
+    record.update(experiment="main", source="s", target="t", method="l2_sp", setting="alpha=0.1_beta=0.01_lr=0.5",
                   hparams_json='{"alpha": 0.1, "beta": 0.01}', alpha=0.1, beta=0.01, lr=0.5, evaluation="test",
-                  run_key="main/s/t/l2_sp/alpha=0.1,beta=0.01,lr=0.5/freeze1/test/rep0", replicate=0)
+                  run_key="main/s/t/l2_sp/alpha=0.1_beta=0.01_lr=0.5/freeze1/test/rep0", replicate=0)
     record.update(overrides)
     return record
 
@@ -67,9 +67,9 @@ def test_identity_is_the_run_path_and_alpha_beta_may_be_missing(tmp_path):
 
     assert IDENTITY == ["experiment", "source", "target", "method", "setting", "freeze", "evaluation", "replicate"]
     assert IDENTITY == list(RunSpec.WILDCARDS)
-    lwf = make_record(method="lwf", setting="lambda=1.0,lr=0.5,temperature=2.0", run_key="k-lwf",
+    lwf = make_record(method="lwf", setting="lambda=1.0_lr=0.5_temperature=2.0", run_key="k-lwf",
                       hparams_json='{"lambda": 1.0, "temperature": 2.0}', alpha=float("nan"), beta=float("nan"))
-    other = make_record(setting="alpha=0.2,beta=0.01,lr=0.5", alpha=0.2, run_key="k-other")
+    other = make_record(setting="alpha=0.2_beta=0.01_lr=0.5", alpha=0.2, run_key="k-other")
     frame = records_to_frame([make_record(), lwf, other])  # three settings: three identities
     write_parquet(frame, tmp_path / "runs.parquet")
     back = read_parquet(tmp_path / "runs.parquet").set_index("method")

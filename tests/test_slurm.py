@@ -157,7 +157,7 @@ def test_profile_runs_the_workflow_on_slurm(slurm_cluster, tmp_path):
     assert proc.returncode == 0, log[-6000:]
     runs = read_parquet(tmp_path / "results" / "runs.parquet")
     assert sorted(runs["method"]) == ["l2_sp_fisher", "none"]
-    assert sorted(runs["run_key"]) == ["main/digits-src/digits-mod3-k5/l2_sp_fisher/alpha=0.1,beta=0.01,lr=0.01/freeze0/test/rep0",
+    assert sorted(runs["run_key"]) == ["main/digits-src/digits-mod3-k5/l2_sp_fisher/alpha=0.1_beta=0.01_lr=0.01/freeze0/test/rep0",
                                        "main/digits-src/digits-mod3-k5/none/lr=0.01/freeze0/test/rep0"]
     assert (tmp_path / "reports" / "table2.md").exists()
     # pretrain_source, estimate_fisher and one group of two fine-tunes went through sbatch

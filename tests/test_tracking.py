@@ -15,7 +15,7 @@ def test_log_run_once_per_identity(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp_id = init_experiment(uri, "t")
     assert init_experiment(uri, "t") == exp_id
-    record = make_record(run_key="main/s/t/l2_sp/alpha=0.1,beta=0.01,lr=0.5/freeze0/test/rep0", freeze=0, test_accuracy=0.75)
+    record = make_record(run_key="main/s/t/l2_sp/alpha=0.1_beta=0.01_lr=0.5/freeze0/test/rep0", freeze=0, test_accuracy=0.75)
     first = log_run(uri, "t", record, {"run": {"seed": 7}, "grid": [1, 2]}, [1.0, 0.5, 0.25])
     second = log_run(uri, "t", record, {"run": {"seed": 7}}, [1.0])
     assert first is not None and first == second
@@ -25,7 +25,7 @@ def test_log_run_once_per_identity(tmp_path):
     run = runs[0]
     assert run.data.tags[RUN_KEY_TAG] == record["run_key"]
     assert {k: run.data.tags[k] for k in ("method", "setting", "source", "target", "replicate", "freeze")} == {
-        "method": "l2_sp", "setting": "alpha=0.1,beta=0.01,lr=0.5", "source": "s", "target": "t", "replicate": "0", "freeze": "0"}
+        "method": "l2_sp", "setting": "alpha=0.1_beta=0.01_lr=0.5", "source": "s", "target": "t", "replicate": "0", "freeze": "0"}
     assert run.data.metrics["test_accuracy"] == 0.75
     assert run.data.params == {"run.seed": "7", "grid": "[1, 2]"}
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1.0, 0.5, 0.25]

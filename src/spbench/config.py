@@ -135,23 +135,39 @@ Setting = dict[str, float | int]  # a method's hyper-parameters and the learning
 
 def format_setting(setting: Mapping[str, float | int]) -> str:
     """Canonical text of a setting, as run paths spell it: ``name=value`` pairs sorted by name
-    and joined by commas, floats in ``repr`` form (``alpha=0.01,beta=0.01,lr=0.05``)."""
+    and joined by underscores, floats in ``repr`` form (``alpha=0.01_beta=0.01_lr=0.05``). No
+    value text contains an underscore, so names may (``lp_steps=100_lr=0.1``); no comma, which
+    Snakemake's ``--target-jobs`` (how cluster jobs are addressed) splits on."""
     parts = []
     for name in sorted(setting):
         value = setting[name]
         text = str(int(value)) if isinstance(value, int) and not isinstance(value, bool) else repr(float(value))
         parts.append(f"{name}={text}")
-    return ",".join(parts)
+    return "_".join(parts)
 
 
 def parse_setting(text: str) -> Setting:
-    """Inverse of :func:`format_setting`; ValueError for a text that is not canonical."""
+    """Inverse of :func:`format_setting`; ValueError for a text that is not canonical. Split on
+    ``=``, each middle piece is ``value_nextname`` (a value holds no underscore)."""
+    pieces = text.split("=")
+    if len(pieces) < 2:
+        raise ValueError(f"bad setting {text!r}: expected name=value pairs joined by underscores")
+    names, values = [pieces[0]], []
+    for piece in pieces[1:-1]:
+        value, sep, name = piece.partition("_")
+        if not sep:
+            raise ValueError(f"bad setting {text!r}: expected name=value pairs joined by underscores")
+        values.append(value)
+        names.append(name)
+    values.append(pieces[-1])
     out: Setting = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        if not sep or not name.isidentifier():
-            raise ValueError(f"bad setting {text!r}: expected name=value pairs separated by commas")
-        out[name] = int(value) if re.fullmatch(r"-?\d+", value) else float(value)
+    for name, value in zip(names, values):
+        if not name.isidentifier() or not value:
+            raise ValueError(f"bad setting {text!r}: expected name=value pairs joined by underscores")
+        try:
+            out[name] = int(value) if re.fullmatch(r"-?\d+", value) else float(value)
+        except ValueError:
+            raise ValueError(f"bad setting {text!r}: {value!r} is not a number") from None
     if format_setting(out) != text:
         raise ValueError(f"setting {text!r} is not in canonical form ({format_setting(out)!r})")
     return out
@@ -190,7 +206,7 @@ class RunSpec:
         "source": r"[A-Za-z0-9][A-Za-z0-9_-]*",
         "target": r"[A-Za-z0-9][A-Za-z0-9_-]*",
         "method": r"[a-z0-9_]+",
-        "setting": r"[A-Za-z_][A-Za-z0-9_]*=[^,/=]+(,[A-Za-z_][A-Za-z0-9_]*=[^,/=]+)*",
+        "setting": r"[A-Za-z][A-Za-z0-9_]*=[^_/=]+(_[A-Za-z][A-Za-z0-9_]*=[^_/=]+)*",
         "freeze": r"\d+",
         "evaluation": r"test|val\d+",
         "replicate": r"\d+",

@@ -21,7 +21,7 @@ Conventions shared by all outputs:
   selection only. Tables 2, 3, Fig. 1, Fig. 2 and the paired differences use ``freeze == 0``
   (nothing frozen), as in the paper; freezing is the subject of Fig. 3.
 * A *setting* is one ``(method, setting)``: a method of :mod:`spbench.methods` and the
-  canonical text of its hyper-parameters and learning rate (``alpha=0.01,beta=0.01,lr=0.05``,
+  canonical text of its hyper-parameters and learning rate (``alpha=0.01_beta=0.01_lr=0.05``,
   :func:`spbench.config.format_setting`); a *cell* is one ``(source, target)`` and one setting. Statistics are over the replicates of a cell: ``n`` is the number of runs with
   a non-missing value, ``mean`` their arithmetic mean and ``std`` the sample standard
   deviation (ddof = 1, NaN when ``n == 1``).
