@@ -5,14 +5,10 @@ log their runs with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,18 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from test_mlflow_server import free_port, mlflow_server
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 ADMIN = ("admin", "admin-Secret-9731")
 USER = ("alice", "alice-Secret-4127")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _call(url: str, path: str, *, auth=None, body=None) -> tuple[int, dict]:
@@ -47,35 +39,12 @@ def _call(url: str, path: str, *, auth=None, body=None) -> tuple[int, dict]:
         return err.code, {}
 
 
-@contextlib.contextmanager
 def auth_server(root: Path):
-    port = _port()
-    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("MLFLOW_AUTH_CONFIG_PATH", None)
-    cmd = [sys.executable, "-m", "spbench.tracking", "serve", "--basic-auth", "--port", str(port), "--workers", "1",
-           "--store", f"sqlite:///{root / 'server' / 'mlflow.db'}", "--artifacts", str(root / "server" / "artifacts")]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(root / 'server.log').read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            if time.monotonic() > deadline:
-                raise RuntimeError("no /health within 180 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-        log.close()
+    """The README's server with --basic-auth (test_mlflow_server.mlflow_server), the admin's
+    password in the environment and no settings file of the caller's."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_AUTH_CONFIG_PATH"}
+    env["MLFLOW_AUTH_ADMIN_PASSWORD"] = ADMIN[1]
+    return mlflow_server(root, free_port(), "--basic-auth", env=env)
 
 
 def test_serve_refuses_to_start_without_an_admin_password(tmp_path):

@@ -39,14 +39,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, port: int):
-    """`python -m spbench.tracking serve` on 127.0.0.1:port with a SQLite store under root;
-    yields its URL once /health answers, and stops it (the whole process group) after."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "spbench.tracking", "serve", "--port", str(port), "--workers", "1",
+def mlflow_server(root: Path, port: int, *args: str, env: dict | None = None):
+    """`python -m spbench.tracking serve [args]` on 127.0.0.1:port with a SQLite store under
+    root, in root, with ``env`` (default: this process's); yields its URL once /health
+    answers, and stops it (the whole process group) after."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "spbench.tracking", "serve", *args, "--port", str(port), "--workers", "1",
            "--store", f"sqlite:///{root / 'server' / 'mlflow.db'}", "--artifacts", str(root / "server" / "artifacts")]
     log = open(root / f"server-{port}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
