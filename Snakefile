@@ -8,6 +8,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# `snakemake --report report.html` opens on this page; its items are the report rule's outputs.
+report: "reports/captions/workflow.rst"
+
+
 # The config you pass is the config that runs: `--configfile X` (one file or several, merged in
 # order) replaces the demo's config.yaml instead of being merged over it; with no
 # --configfile, config.yaml (the embedded demo) runs. `--config key=value` applies to either.

@@ -13,6 +13,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("P
 from spbench.config import ConfigError, RunSpec, expand_runs, main_runs, read_yaml, selection_runs, validate_config
 from spbench.methods import method_class
 from spbench.penalties import PENALTIES
+from spbench.report_items import item_title
 
 try:
     # Snakemake's YAML reader keeps the last of a repeated key; read the files again, strictly

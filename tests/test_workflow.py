@@ -187,12 +187,93 @@ def test_lint_is_clean(tmp_path):
     assert "Congratulations, your workflow is in a good condition" in proc.stdout + proc.stderr
 
 
-def test_snakemake_report_collects_tables_and_figures(finished_workflow):
-    """`snakemake --report` builds one HTML file holding the figures and their captions."""
+@pytest.fixture(scope="module")
+def snakemake_report(finished_workflow) -> Path:
     out = finished_workflow / "report.html"
     snakemake(finished_workflow, "--configfile", "tiny.yaml", "--report", str(out))
-    html = out.read_text(errors="replace")
+    return out
+
+
+def test_snakemake_report_collects_tables_and_figures(snakemake_report):
+    """`snakemake --report` builds one HTML file holding the figures and their captions."""
+    html = snakemake_report.read_text(errors="replace")
     for caption in ("Fig. 1", "Fig. 3", "Fig. 4", "Table 2", "Model selection"):
         assert caption in html, caption
     for name in ("fig2.png", "table2.html", "selection.html"):
         assert name in html, name
+
+
+#: Appended to a copy of the Snakemake report: lists every item of its menu (category, name,
+#: caption, whether its content is embedded), opens the Tables category, and writes what the
+#: page then shows into <pre id="spbench-probe">; then opens the whole-report item for the
+#: screenshot.
+PROBE = """<script>
+window.addEventListener("load", () => setTimeout(() => {
+  const items = [];
+  for (const [category, subs] of Object.entries(categories))
+    for (const paths of Object.values(subs))
+      for (const path of paths)
+        items.push({category, path, name: results[path].name, caption: results[path].caption || "",
+                    labels: results[path].labels || {}, embedded: results[path].data_uri.startsWith("data:")});
+  const landing = document.querySelector("#app").textContent;
+  app.showCategory("Tables");
+  setTimeout(() => {
+    const tables = document.querySelector("#app").textContent;
+    const whole = items.find(item => item.category === "Report");
+    if (whole) app.setView({navbarMode: "resultinfo", category: "Report", resultPath: whole.path, content: "html",
+                            contentPath: results[whole.path].data_uri});
+    const probe = document.createElement("pre");
+    probe.id = "spbench-probe";
+    probe.style.display = "none";
+    probe.textContent = JSON.stringify({items, landing, tables});
+    document.body.appendChild(probe);
+  }, 1000);
+}, 1000));
+</script>"""
+
+
+@pytest.mark.cluster
+def test_snakemake_report_renders_in_headless_chromium(snakemake_report, tmp_path):
+    """The `snakemake --report` file is self-contained, opens on the workflow's description and
+    lists every table and figure with its caption, rendered by headless Chromium; the screenshot
+    (the whole-report item opened inside it) is kept in SPBENCH_SCREENSHOT_DIR, else the test's
+    temporary folder."""
+    import os
+    import re
+    import tempfile
+    from html import unescape
+
+    from test_mlflow_server import chromium, headless
+
+    html = snakemake_report.read_text()
+    # nothing is fetched from elsewhere: no script, style sheet or image by URL
+    assert not re.search(r"<(script|link|img)\b[^>]*\b(src|href)=[\"']?(https?:|//)", html)
+    probed = tmp_path / "probed.html"
+    end = html.rindex("</body>")  # the page's own; the embedded scripts hold others in strings
+    probed.write_text(html[:end] + PROBE + html[end:])
+    browser = chromium()
+    with tempfile.TemporaryDirectory() as profile:
+        dom = headless(browser, profile, "--virtual-time-budget=20000", "--dump-dom", probed.as_uri())
+    found = re.search(r'<pre id="spbench-probe"[^>]*>(.*?)</pre>', dom.stdout, re.S)
+    assert found, dom.stderr[-2000:]
+    page = json.loads(unescape(found.group(1)))
+    assert "spbench report" in page["landing"] and "digits-mod3-k5" in page["landing"]
+    items = {item["name"]: item for item in page["items"]}
+    written = snakemake_report.parent / "reports"
+    assert set(items) == {p.name for p in written.glob("*.html")} | {p.name for p in written.glob("fig*.png")}
+    words = lambda text: " ".join(re.sub(r"<[^>]+>|``", "", unescape(text)).split())  # noqa: E731
+    for name, item in items.items():
+        caption = words((REPO / "reports" / "captions" / f"{Path(name).stem}.rst").read_text())
+        assert caption and caption in words(item["caption"]), (name, item["caption"])
+        assert item["embedded"], name
+        assert item["category"] == ("Report" if name == "report.html" else "Figures" if name.endswith(".png") else "Tables")
+    # the Tables category, opened, lists each table by its title
+    for title in ("Table 2", "Table 3", "Model selection"):
+        assert title in page["tables"], title
+    shots = Path(os.environ.get("SPBENCH_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        headless(browser, profile, "--virtual-time-budget=20000", f"--screenshot={shots / 'snakemake-report.png'}",
+                 probed.as_uri())
+    png = (shots / "snakemake-report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # a rendered page, not a blank one

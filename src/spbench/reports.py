@@ -64,6 +64,7 @@ import numpy as np
 import pandas as pd
 
 from .config import parse_setting
+from .report_items import ITEM_TITLES, item_title
 from .results import IDENTITY, OVERHEAD_SCHEMA, R2_SCHEMA, SchemaError, read_parquet
 
 __all__ = [
@@ -97,6 +98,8 @@ __all__ = [
     "write_reports",
     "report_page",
     "FIGURE_CAPTIONS",
+    "ITEM_TITLES",
+    "item_title",
     "summary",
     "main",
 ]
@@ -1325,10 +1328,8 @@ def report_page(tables: Sequence[tuple[str, str]], figures: Sequence[tuple[str, 
     loaded from elsewhere."""
     import base64
 
-    titles = {"table2": "Table 2", "table3": "Table 3", "selection": "Model selection", "paired": "Paired differences",
-              "overhead": "Overhead"}
-    entries = [(name, titles.get(name, name)) for name, _ in tables]
-    entries += [(name, f"Fig. {name[3:]}" if name.startswith("fig") else name) for name, _ in figures]
+    entries = [(name, item_title(name)) for name, _ in tables]
+    entries += [(name, item_title(name)) for name, _ in figures]
     contents = "".join(f'<li><a href="#{html.escape(n)}">{html.escape(label)}</a></li>' for n, label in entries)
     body = [f'<section id="{html.escape(name)}">{table}</section>' for name, table in tables]
     for name, png in figures:
