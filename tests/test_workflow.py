@@ -180,6 +180,19 @@ def test_bad_config_fails_before_any_job(tmp_path, edit, key):
     assert not (tmp_path / "data").exists()
 
 
+def test_long_steps_log_their_progress(finished_workflow):
+    """Every fine-tune's log says how far it went, a line each tenth of its steps with the time
+    left; so do the Fisher estimate and the source's pretraining."""
+    steps = tiny_config()["finetune"]["steps"]
+    logs = sorted((finished_workflow / "logs" / "finetune").rglob("*.log"))
+    assert len(logs) == expected_runs()
+    for log in logs:
+        text = log.read_text()
+        assert f"/{steps} steps (100%)" in text and " s left" in text, log
+        assert text.count(" steps (") >= 10, log
+    assert "Fisher: 64/64 images (100%)" in (finished_workflow / "logs" / "fisher" / "digits-src.log").read_text()
+
+
 def test_lint_is_clean(tmp_path):
     """`snakemake --lint` finds nothing to say about the workflow."""
     shutil.copy(REPO / "config" / "tiny.yaml", tmp_path / "tiny.yaml")

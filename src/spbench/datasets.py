@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .data import register_task_builder
+from .progress import Progress
 
 __all__ = [
     "FileListTask",
@@ -111,8 +112,8 @@ class FileListTask:
         jobs = [(paths[i : i + chunk], s) for i in range(0, n, chunk)]
         is_train = self.split == "train"
         total, total_sq, count = np.zeros(3), np.zeros(3), 0
-        done = 0
         executor = ProcessPoolExecutor(self.workers) if self.workers > 1 else None
+        bar = Progress(n, f"decode {self.root.name}", unit="images", logger=log)
         try:
             batches = executor.map(_decode_chunk, jobs) if executor else map(_decode_chunk, jobs)
             for i, batch in zip(range(0, n, chunk), batches):
@@ -121,10 +122,9 @@ class FileListTask:
                 total += train.sum(0)
                 total_sq += (train**2).sum(0)
                 count += len(train)
-                done += len(batch)
-                if done == n or (i // chunk) % 20 == 0:
-                    log.info("decoded %d/%d images", done, n)
+                bar.update(len(batch))
         finally:
+            bar.close()
             if executor:
                 executor.shutdown()
         images.flush()

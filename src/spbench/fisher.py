@@ -14,12 +14,13 @@ Per-example gradients come from ``torch.func`` (``vmap`` of ``grad``) over chunk
 from __future__ import annotations
 
 import logging
-import time
 from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def estimate_fisher(
     per_example_grad = vmap(grad(log_prob), in_dims=(None, 0, 0))
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     m = len(images)
-    started = time.perf_counter()
+    bar = Progress(m, "Fisher", unit="images", logger=log)
     try:
         for start in range(0, m, batch_size):
             x = images[start : start + batch_size]
@@ -85,12 +86,9 @@ def estimate_fisher(
                 w = weights[:, j]
                 for n, gn in g.items():
                     fisher[n] += torch.einsum("b,b...->...", w, gn.pow(2))
-            done = start + len(x)
-            if done * 10 // m != start * 10 // m:  # progress each tenth of the images, with an estimate
-                spent = time.perf_counter() - started
-                log.info("Fisher: %d/%d images (%d%%), %.0f s, about %.0f s left", done, m, 100 * done // m,
-                         spent, spent / done * (m - done))
+            bar.update(len(x))
     finally:
+        bar.close()
         for mod, training in modes.items():
             mod.training = training
     return {n: f / m for n, f in fisher.items()}

@@ -350,6 +350,7 @@ def finetune_run(
             setup_x=x if isinstance(x, torch.Tensor) else x.central(),
             precision=precision,
             clip_grad_norm=ft["clip_grad_norm"],
+            progress=f"fine-tune {spec.method} {spec.target} {spec.evaluation} rep{spec.replicate}",
         )
     test_acc = evaluate(model, x_eval.to(dev), y_eval.to(dev), ft["eval_batch_size"], precision)
     # Source-task retention (Table 3): the fine-tuned backbone under the original source head,

@@ -15,6 +15,7 @@ the same trajectory: the batch order is replayed from the seeded generator, the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from .integrity import load_sealed, save_sealed
 from .methods import Forward, Method, MethodContext, SetupData, make_method, record_outputs
 from .models import Classifier, build_model, split_parameters
+from .progress import Progress
 
 __all__ = [
     "PRECISIONS",
@@ -303,6 +305,7 @@ def train_steps(
     setup_x: Any = None,
     precision: Precision | None = None,
     clip_grad_norm: float | None = None,
+    progress: str | None = None,
 ) -> TrainHistory:
     """SGD with momentum on J(w) plus the method's terms (:func:`training_step`), over the
     model's trainable parameters and the method's own (:meth:`Method.extra_parameters`).
@@ -316,6 +319,8 @@ def train_steps(
     called every ``checkpoint_every`` steps (0: never) and when ``stop()`` turns true, after
     which :class:`Preempted` is raised. ``precision`` (default fp32) and ``clip_grad_norm`` go
     to every :func:`training_step`; fp16's gradient scaler is checkpointed with the rest.
+    ``progress``: the name under which a :class:`spbench.progress.Progress` counts the steps
+    (a log line each tenth with the time left, a bar on a terminal); None: only ``log_every``.
     """
     precision = precision or Precision()
     scaler = precision.scaler()
@@ -337,38 +342,41 @@ def train_steps(
     set_train_mode(model, freeze, bn_mode)
     method.train()
     start = time.perf_counter() - history.seconds
-    for step, idx in enumerate(batch_indices(len(x), batch_size, steps, generator)):
-        if step < first:  # replay the batch order up to the checkpoint
-            if step == first - 1:
-                # The replayed generator must stand where the checkpointed one stood.
-                if not torch.equal(generator.get_state(), resume["generator"]):
-                    raise ValueError("checkpoint does not match this run's batch generator")
-                torch.set_rng_state(resume["torch_rng"])
-            continue
-        rate = lr_at(step, steps, lr, schedule, milestones)
-        value = training_step(model, method, x[idx], y[idx], opt, lr=rate, scaler=scaler,
-                              clip_grad_norm=clip_grad_norm, precision=precision).item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss is {value} at step {step} (learning rate or α too large?)")
-        history.loss.append(value)
-        history.lr.append(rate)
-        history.images += len(idx)
-        if on_step is not None:
-            on_step(step, value)
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            log.info("step %d/%d  loss %.4f  lr %.3g", step + 1, steps, value, rate)
-        if step == steps - 1 or save_checkpoint is None:
-            continue
-        stopping = stop is not None and stop()
-        if stopping or (checkpoint_every and (step + 1) % checkpoint_every == 0):
-            history.seconds = time.perf_counter() - start
-            state = train_state(step + 1, model, method, opt, history, generator)
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            save_checkpoint(state)
-            if stopping:
-                log.warning("stopped at step %d/%d on request; checkpoint saved", step + 1, steps)
-                raise Preempted(f"training stopped at step {step + 1} of {steps}; rerun to resume")
+    with (Progress(steps, progress, unit="steps", start=first) if progress else contextlib.nullcontext()) as bar:
+        for step, idx in enumerate(batch_indices(len(x), batch_size, steps, generator)):
+            if step < first:  # replay the batch order up to the checkpoint
+                if step == first - 1:
+                    # The replayed generator must stand where the checkpointed one stood.
+                    if not torch.equal(generator.get_state(), resume["generator"]):
+                        raise ValueError("checkpoint does not match this run's batch generator")
+                    torch.set_rng_state(resume["torch_rng"])
+                continue
+            rate = lr_at(step, steps, lr, schedule, milestones)
+            value = training_step(model, method, x[idx], y[idx], opt, lr=rate, scaler=scaler,
+                                  clip_grad_norm=clip_grad_norm, precision=precision).item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss is {value} at step {step} (learning rate or α too large?)")
+            history.loss.append(value)
+            history.lr.append(rate)
+            history.images += len(idx)
+            if on_step is not None:
+                on_step(step, value)
+            if bar is not None:
+                bar.update(1, loss=value)
+            if log_every and (step % log_every == 0 or step == steps - 1):
+                log.info("step %d/%d  loss %.4f  lr %.3g", step + 1, steps, value, rate)
+            if step == steps - 1 or save_checkpoint is None:
+                continue
+            stopping = stop is not None and stop()
+            if stopping or (checkpoint_every and (step + 1) % checkpoint_every == 0):
+                history.seconds = time.perf_counter() - start
+                state = train_state(step + 1, model, method, opt, history, generator)
+                if scaler is not None:
+                    state["scaler"] = scaler.state_dict()
+                save_checkpoint(state)
+                if stopping:
+                    log.warning("stopped at step %d/%d on request; checkpoint saved", step + 1, steps)
+                    raise Preempted(f"training stopped at step {step + 1} of {steps}; rerun to resume")
     history.seconds = time.perf_counter() - start
     return history
 
@@ -409,7 +417,8 @@ def pretrain(
     decay = make_method("l2", MethodContext(model, inherited, head), alpha=weight_decay, beta=weight_decay)
     steps = epochs * math.ceil(len(x) / min(batch_size, len(x)))
     gen = torch.Generator().manual_seed(seed)
-    history = train_steps(model, decay, x, y, steps=steps, batch_size=batch_size, lr=lr, generator=gen)
+    history = train_steps(model, decay, x, y, steps=steps, batch_size=batch_size, lr=lr, generator=gen,
+                          progress=f"pretrain {arch}")
     return model, history
 
 
