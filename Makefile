@@ -24,10 +24,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
 
-# Job count and GPU-hours of a grid, before launching it: make plan CONFIG=my.yaml
+# Job count and device-hours of a grid, before launching it: make plan CONFIG=my.yaml, or with
+# overlays and measured throughput: make plan CONFIG="config/paper.yaml config/halving.yaml"
+# THROUGHPUT=bench.json (a benchmarks/train_throughput.py --json output; several allowed)
 CONFIG ?= config.yaml
+THROUGHPUT ?=
 plan: $(STAMP)
-	$(BIN)/python -m spbench.plan $(CONFIG)
+	$(BIN)/python -m spbench.plan $(CONFIG) $(addprefix --throughput ,$(THROUGHPUT))
 
 # The shared MLflow server (SQLite store, artifacts under mlflow-server/), on 127.0.0.1:5000;
 # e.g. make tracking-server SERVE_ARGS="--host 0.0.0.0 --basic-auth --store postgresql://..."

@@ -10,7 +10,8 @@ sys.path.insert(0, _SRC)
 # (PYTHONPATH is optional, so it is extended, not asserted with `envvars:`.)
 os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
 
-from spbench.config import ConfigError, RunSpec, expand_runs, main_runs, read_yaml, selection_runs, validate_config
+from spbench.config import (ConfigError, RunSpec, candidates, expand_runs, halving_budgets, main_runs, read_yaml,
+                            rung_runs, validate_config)
 from spbench.methods import method_class
 from spbench.penalties import PENALTIES
 from spbench.report_items import item_title
@@ -88,12 +89,34 @@ def choose_setting(source, target, method):
     return json.loads(Path(path).read_text())["selected"]
 
 
-def get_selection_records(wildcards):
-    return [
-        record_path(spec)
-        for spec in selection_runs(config)
-        if (spec.source, spec.target, spec.method) == (wildcards.source, wildcards.target, wildcards.method)
-    ]
+def rung_settings(source, target, method, rung):
+    """Successive halving: the candidates that reach ``rung`` (all at rung 0; later, those the
+    halve checkpoint of the rung before kept)."""
+    if rung == 0:
+        return candidates(config, method)
+    path = checkpoints.halve.get(source=source, target=target, method=method, rung=str(rung - 1)).output.survivors
+    return json.loads(Path(path).read_text())["survivors"]
+
+
+def _rung_records(source, target, method, rung):
+    settings = rung_settings(source, target, method, rung)
+    return [record_path(spec) for spec in rung_runs(config, source, target, method, rung, settings)]
+
+
+def get_rung_records(wildcards):
+    return _rung_records(wildcards.source, wildcards.target, wildcards.method, int(wildcards.rung))
+
+
+def get_selection_inputs(wildcards):
+    """select_setting's inputs: the validation records of every candidate (with halving, of
+    the last rung's) and each earlier rung's outcome."""
+    budgets = halving_budgets(config)
+    last = 0 if budgets is None else len(budgets) - 1
+    out = {"records": _rung_records(wildcards.source, wildcards.target, wildcards.method, last)}
+    if last:
+        out["rungs"] = [f"{RESULTS}/selection/{wildcards.source}/{wildcards.target}/{wildcards.method}/rung{r}.json"
+                        for r in range(last)]
+    return out
 
 
 def get_finetuned_models(wildcards):
@@ -123,7 +146,7 @@ def checkpoint_path(spec):
 
 
 def all_records(wildcards):
-    return [record_path(spec) for spec in expand_runs(config, choose_setting)]
+    return [record_path(spec) for spec in expand_runs(config, choose_setting, rung_settings)]
 
 
 def analysis_tables():

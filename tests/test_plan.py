@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,61 @@ def test_plan_of_the_tiny_grid():
     p = plan(config)
     # 2 selection runs (l2_sp's two α), 5 methods × 2 replicates, Fig. 1's 2 × 2 grid, Fig. 3's 2 runs
     assert p["jobs"] == {"prepare_task": 2, "source": 1, "estimate_fisher": 1, "finetune": 18}
+    assert {k: v["runs"] for k, v in p["parts"].items()} == {"selection": 2, "main": 10, "figures": 6}
+    assert p["parts"]["main"]["images"] == 10 * 10 * 32  # runs × steps × batch
     assert p["requested_gpu_hours"] == pytest.approx(18 * 10 / 60)  # 18 jobs × 10 min, one device each
-    assert p["estimated_gpu_hours"] is None
-    measured = [{"wall_seconds": 3.0, "steps": 10}, {"wall_seconds": 1.0, "steps": 10}, {"wall_seconds": 2.0, "steps": 10}]
-    p = plan(config, measured)
-    assert p["estimated_gpu_hours"] == pytest.approx(18 * 0.2 * 10 / 3600)
-    assert "22 jobs" in format_plan(p) and "estimated from 3 recorded runs" in format_plan(p)
+    assert p["estimates"] == []
+    assert "no measured throughput" in format_plan(p)
+
+
+def bench(device: str, arch: str, **rates) -> dict:
+    """A benchmarks/train_throughput.py --json output, reduced to what the plan reads."""
+    return {"device_name": device, "arch": arch, "image_size": 224, "batch": 64,
+            "rows": [{"precision": prec, "spbench_images_per_s": rate} for prec, rate in rates.items()]}
+
+
+def test_device_hours_from_benchmarks_and_records():
+    """Each part's hours are its runs' training images over the images per second measured for
+    their architecture, per device and precision; a device without a measurement for some
+    architecture has no total."""
+    config = load_config(REPO / "config" / "tiny.yaml")  # demo_resnet, 10 steps × batch 32
+    images = {k: v["images"] for k, v in plan(config)["parts"].items()}
+    records = [{"device": "cpu: test", "arch": "demo_resnet", "precision": "fp32", "images_per_second": v}
+               for v in (100.0, 300.0, 200.0)]
+    p = plan(config, records, [bench("GPU X", "demo_resnet", bf16=3600.0, fp32=1800.0), bench("GPU Y", "resnet50", bf16=1.0)])
+    by = {(e["device"], e["precision"]): e for e in p["estimates"]}
+    assert set(by) == {("cpu: test", "fp32"), ("GPU X", "bf16"), ("GPU X", "fp32"), ("GPU Y", "bf16")}
+    cpu = by[("cpu: test", "fp32")]
+    assert cpu["rates"]["demo_resnet"]["images_per_second"] == 200.0  # the median of the records
+    assert cpu["hours"] == pytest.approx({k: n / 200.0 / 3600 for k, n in images.items()})
+    assert by[("GPU X", "bf16")]["total"] == pytest.approx(sum(images.values()) / 3600.0 / 3600)
+    assert by[("GPU Y", "bf16")]["total"] is None and by[("GPU Y", "bf16")]["missing_archs"] == ["demo_resnet"]
+    text = format_plan(p)
+    assert "GPU X" in text and "no measurement for demo_resnet" in text
+    # a config that fixes its precision is priced at that precision only
+    config["finetune"]["precision"] = "bf16"
+    assert {e["precision"] for e in plan(config, records, [bench("GPU X", "demo_resnet", bf16=1.0, fp32=1.0)])["estimates"]} == {"bf16"}
+
+
+def test_halving_is_priced_rung_by_rung():
+    """With selection.halving the selection's runs are counted per rung at their own steps."""
+    from spbench.config import validate_config
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    full = plan(validate_config(config))["parts"]["selection"]
+    config["selection"]["halving"] = {"eta": 3, "rungs": 3}
+    halved = plan(validate_config(config))["parts"]["selection"]
+    # per (source, target, method, lr) grid: 20 candidates × 3 lr = 60 per (source, target)
+    # spread over the methods; rungs keep ceil(n/3) of each method's candidates
+    sizes = {"l2": 9, "l2_sp": 12, "l2_sp_fisher": 12, "l1_sp": 9, "gl_sp": 9, "gl_sp_fisher": 9}
+    from spbench.config import rung_sizes
+
+    runs = sum(sum(rung_sizes(n, 3, 3)) for n in sizes.values()) * 8  # 2 sources × 4 targets
+    images = sum(sum(s * b for s, b in zip(rung_sizes(n, 3, 3), (1000, 3000, 9000))) for n in sizes.values()) * 8 * 64
+    assert halved["runs"] == runs and halved["images"] == images
+    assert full["runs"] == 480 and full["images"] == 480 * 9000 * 64
+    assert halved["images"] < full["images"] / 2.5
 
 
 def test_plan_command_prints_the_demo_grid(tmp_path):
@@ -32,7 +82,27 @@ def test_plan_command_prints_the_demo_grid(tmp_path):
                           capture_output=True, text=True, check=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
     # 18 selection runs, 11 methods × 3 targets × 3 replicates, Fig. 1's 8 and Fig. 3's 8 runs
     assert "finetune            133 jobs" in proc.stdout
-    assert "133.00 GPU-hours requested" in proc.stdout
+    assert "requested: 133.00 GPU-hours (cluster.runtime per job" in proc.stdout
+    for part in ("selection", "main", "figures"):
+        assert re.search(rf"^  {part} +\d+ runs", proc.stdout, re.M), part
+
+
+def test_plan_command_reads_overlays_and_throughput(tmp_path):
+    """`python -m spbench.plan base.yaml overlay.yaml --throughput bench.json`: the overlay merged as
+    snakemake merges config files, the benchmark's device priced."""
+    import json
+
+    (tmp_path / "bench.json").write_text(json.dumps(bench("GPU X", "demo_resnet", fp32=1000.0)))
+    (tmp_path / "halving.yaml").write_text("selection: {halving: {eta: 2, rungs: 2}}\n")
+    proc = subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config" / "tiny.yaml"), "halving.yaml",
+                           "--throughput", "bench.json"], cwd=tmp_path, capture_output=True, text=True, check=True,
+                          env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
+    assert "successive halving: eta 2, 2 rungs" in proc.stdout
+    assert re.search(r"^  GPU X +fp32 ", proc.stdout, re.M) and "1,000.0 images/s from benchmark" in proc.stdout
+    (tmp_path / "bad.json").write_text("{}")
+    bad = subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config" / "tiny.yaml"), "--throughput",
+                          "bad.json"], cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
+    assert bad.returncode == 2 and "not a benchmarks/train_throughput.py --json output" in bad.stderr
 
 
 def test_fisher_jobs_follow_the_methods_needs():

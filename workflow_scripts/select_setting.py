@@ -2,4 +2,4 @@
 from spbench.pipeline import select_setting, setup_logging
 
 setup_logging(snakemake.log[0])
-select_setting(snakemake.input.records, snakemake.output.selection)
+select_setting(snakemake.input.records, snakemake.output.selection, snakemake.input.get("rungs", []))

@@ -36,6 +36,11 @@ __all__ = [
     "candidates",
     "needs_selection",
     "selection_runs",
+    "halving_budgets",
+    "rung_sizes",
+    "first_survivors",
+    "rung_runs",
+    "TRAINING_KEYS",
     "main_runs",
     "figure_runs",
     "final_settings",
@@ -130,7 +135,12 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) or "<top level>"
 
 
-Setting = dict[str, float | int]  # a method's hyper-parameters and the learning rate "lr"
+Setting = dict[str, float | int]  # a method's hyper-parameters, the learning rate "lr", maybe "steps"
+
+#: The keys of a setting that are the training's, not the method's: the learning rate, and the
+#: number of steps where a run trains for less than ``finetune.steps`` (a successive-halving
+#: rung of model selection; absent means ``finetune.steps``).
+TRAINING_KEYS = ("lr", "steps")
 
 
 def format_setting(setting: Mapping[str, float | int]) -> str:
@@ -237,8 +247,13 @@ class RunSpec:
 
     @property
     def hparams(self) -> Setting:
-        """The method's hyper-parameters (the setting without ``lr``)."""
-        return {k: v for k, v in self.setting if k != "lr"}
+        """The method's hyper-parameters (the setting without ``lr`` and ``steps``)."""
+        return {k: v for k, v in self.setting if k not in TRAINING_KEYS}
+
+    def steps(self, default: int) -> int:
+        """How many steps the run trains: its setting's ``steps`` (a successive-halving rung),
+        else ``default`` (``finetune.steps``)."""
+        return int(dict(self.setting).get("steps", default))
 
     @property
     def lr(self) -> float:
@@ -309,8 +324,14 @@ def read_yaml(path: str | Path) -> Any:
         return yaml.load(fh, Loader=_StrictLoader)
 
 
-def load_config(path: str | Path) -> dict:
-    return validate_config(read_yaml(path), base_dir=Path(path).parent)
+def load_config(path: str | Path, *overlays: str | Path) -> dict:
+    """Read, merge and validate config files: each of ``overlays`` merged over the ones before
+    it, mappings key by key and anything else replaced, as ``snakemake --configfile A B``
+    merges them; relative paths are resolved against the first file's folder."""
+    merged = read_yaml(path)
+    for overlay in overlays:
+        merged = _merge(merged, read_yaml(overlay))
+    return validate_config(merged, base_dir=Path(path).parent)
 
 
 def validate_config(config: Mapping, base_dir: str | Path = ".") -> dict:
@@ -435,6 +456,10 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
         sel = config["selection"]
         if sel["use_folds"] > sel["folds"]:
             raise ConfigError("config key 'selection.use_folds': more than selection.folds")
+        budgets = halving_budgets(config)
+        if budgets is not None and any(a >= b for a, b in zip(budgets, budgets[1:])):
+            raise ConfigError(f"config key 'selection.halving': its rungs would train {budgets} steps; "
+                              "each rung must train more than the one before (fewer rungs or a smaller eta)")
         for target in grid["targets"]:
             per_class = config["tasks"][target].get("per_class")
             if isinstance(per_class, int) and sel["folds"] > per_class:
@@ -535,23 +560,76 @@ def needs_selection(config: Mapping, method: str) -> bool:
     return "selection" in config and len(candidates(config, method)) > 1
 
 
-def selection_runs(config: Mapping) -> list[RunSpec]:
+def halving_budgets(config: Mapping) -> list[int] | None:
+    """The steps of each successive-halving rung of model selection (``selection.halving``),
+    smallest first, the last being ``finetune.steps``; None when selection trains every
+    candidate for the full steps."""
+    halving = config.get("selection", {}).get("halving")
+    if not halving:
+        return None
+    steps, eta, rungs = config["finetune"]["steps"], halving["eta"], halving["rungs"]
+    return [max(1, round(steps / eta ** (rungs - 1 - r))) for r in range(rungs)]
+
+
+def rung_sizes(n: int, eta: int, rungs: int) -> list[int]:
+    """How many candidates each rung trains: all ``n`` at the first, then the best
+    ceil(1/eta) of the previous rung's (at least one)."""
+    sizes = [n]
+    for _ in range(rungs - 1):
+        sizes.append(max(1, math.ceil(sizes[-1] / eta)))
+    return sizes
+
+
+def first_survivors(config: Mapping):
+    """A ``survivors`` for :func:`selection_runs` that keeps, at each rung, the first
+    candidates in grid order: the right number of runs before any has been scored (the plan)."""
+    def survivors(source: str, target: str, method: str, rung: int) -> list[Setting]:
+        halving = config["selection"]["halving"]
+        settings = candidates(config, method)
+        return settings[: rung_sizes(len(settings), halving["eta"], halving["rungs"])[rung]]
+    return survivors
+
+
+def selection_runs(config: Mapping, survivors=None) -> list[RunSpec]:
     """Model-selection runs: every candidate setting of every method that needs selection,
-    trained on the training set less fold f and scored on fold f."""
+    trained on the training set less fold f and scored on fold f.
+
+    With ``selection.halving`` (successive halving), rung r trains its candidates for
+    ``halving_budgets(config)[r]`` steps (their setting says ``steps``, but at the last rung, whose
+    runs are those of a full selection): rung 0 all of them, rung r the settings that
+    ``survivors(source, target, method, r)`` returns (the best of rung r - 1, decided by the
+    workflow once rung r - 1 is scored; :func:`first_survivors` before)."""
     if "selection" not in config:
         return []
-    sel, grid = config["selection"], config["grid"]
+    grid = config["grid"]
+    budgets = halving_budgets(config)
+    if budgets is not None and survivors is None:
+        raise ValueError("selection.halving: which candidates reach each rung is decided by the earlier rungs; "
+                         "pass `survivors`")
     runs = []
     for source in grid["sources"]:
         for target in grid["targets"]:
             for method in grid["methods"]:
                 if not needs_selection(config, method):
                     continue
-                for setting in candidates(config, method):
-                    for fold in range(sel["use_folds"]):
-                        for rep in range(sel["replicates"]):
-                            runs.append(RunSpec(source, target, method, setting, 0, rep,
-                                                evaluation=f"val{fold}", experiment="select"))
+                for rung in range(len(budgets or [None])):
+                    settings = candidates(config, method) if rung == 0 else survivors(source, target, method, rung)
+                    runs += rung_runs(config, source, target, method, rung, settings)
+    return runs
+
+
+def rung_runs(config: Mapping, source: str, target: str, method: str, rung: int, settings) -> list[RunSpec]:
+    """The validation runs of ``settings`` at one rung of model selection (rung 0 without
+    ``selection.halving``): each setting × used fold × replicate, for the rung's steps."""
+    sel = config["selection"]
+    budgets = halving_budgets(config)
+    last = budgets is None or rung == len(budgets) - 1
+    runs = []
+    for setting in settings:
+        setting = dict(setting) if last else {**setting, "steps": budgets[rung]}
+        for fold in range(sel["use_folds"]):
+            for rep in range(sel["replicates"]):
+                runs.append(RunSpec(source, target, method, setting, 0, rep, evaluation=f"val{fold}", experiment="select"))
     return runs
 
 
@@ -622,6 +700,7 @@ def figure_runs(config: Mapping, choose=None) -> list[RunSpec]:
     return runs
 
 
-def expand_runs(config: Mapping, choose=None) -> list[RunSpec]:
-    """Every run of the study, in a stable order: selection, main grid, figures."""
-    return selection_runs(config) + main_runs(config, choose) + figure_runs(config, choose)
+def expand_runs(config: Mapping, choose=None, survivors=None) -> list[RunSpec]:
+    """Every run of the study, in a stable order: selection (``survivors``: see
+    :func:`selection_runs`), main grid, figures."""
+    return selection_runs(config, survivors) + main_runs(config, choose) + figure_runs(config, choose)

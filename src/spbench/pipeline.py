@@ -54,6 +54,7 @@ __all__ = [
     "setup_logging",
     "aggregate_records",
     "select_setting",
+    "halve",
     "activation_table",
     "overhead_table",
 ]
@@ -328,18 +329,21 @@ def finetune_run(
     # wall seconds count the training time of earlier attempts too
     start = time.perf_counter() - (resume["history"]["seconds"] if resume is not None else 0.0)
     started_at = time.time() - (resume["history"]["seconds"] if resume is not None else 0.0)
+    # a successive-halving rung trains fewer steps, on the same schedule shrunk to fit
+    steps = spec.steps(ft["steps"])
+    milestones = [max(1, round(m * steps / ft["steps"])) for m in ft["lr_milestones"]]
     with StopOnSignal() as stop:
         history = train_steps(
             model,
             method,
             x,
             y,
-            steps=ft["steps"],
+            steps=steps,
             batch_size=ft["batch_size"],
             lr=spec.lr,
             momentum=ft["momentum"],
             schedule=ft["lr_schedule"],
-            milestones=ft["lr_milestones"],
+            milestones=milestones,
             freeze=spec.freeze,
             bn_mode=ft["bn_mode"],
             generator=gen,
@@ -385,7 +389,7 @@ def finetune_run(
         "fisher_normalize": config["fisher"]["normalize"] if fisher is not None else "",
         "fisher_samples": int(fisher_meta.get("samples", 0)),
         "fisher_m": int(fisher_meta.get("m", 0)),
-        "steps": ft["steps"],
+        "steps": steps,
         "batch_size": min(ft["batch_size"], len(x)),
         "lr": spec.lr,
         "n_train": len(x),
@@ -453,9 +457,10 @@ def aggregate_records(record_paths, out_path) -> int:
     return len(frame)
 
 
-def select_setting(record_paths, out_path) -> dict:
+def select_setting(record_paths, out_path, rung_paths=()) -> dict:
     """Choose one method's setting for a (source, target) from its validation records, with
-    the same rule as the report's selection table; write it with every candidate's score."""
+    the same rule as the report's selection table; write it with every candidate's score (and,
+    with successive halving, each earlier rung's outcome, ``rung_paths`` from :func:`halve`)."""
     from .reports import selected_settings, selection_table
     from .results import read_record, records_to_frame
 
@@ -472,9 +477,44 @@ def select_setting(record_paths, out_path) -> dict:
         "setting": row["setting"],
         "selected": parse_setting(row["setting"]),
         "candidates": json.loads(scores.to_json(orient="records")),
+        "rungs": [json.loads(Path(p).read_text()) for p in rung_paths],
     }
     write_json_atomic(out_path, result)
     log.info("selected for %s/%s/%s: %s", row["source"], row["target"], row["method"], result["setting"])
+    return result
+
+
+def halve(record_paths, out_path, *, rung: int, eta: int) -> dict:
+    """One rung of successive halving for a (source, target, method): score its candidates on
+    their validation records (the selection table's rule), keep the best ceil(n / eta) for
+    the next rung (ties: report order, as for the selected setting); write them with every
+    candidate's score. A candidate without a score is dropped; with none scored it fails."""
+    from .reports import rank_settings, selection_table
+    from .results import read_record, records_to_frame
+
+    frame = records_to_frame(read_record(p) for p in record_paths)
+    scores = selection_table(frame)
+    if scores[["source", "target", "method"]].drop_duplicates().shape[0] != 1:
+        raise ValueError("expected validation runs of one (source, target, method)")
+    ranking = rank_settings(scores)
+    if ranking.empty:
+        raise ValueError(f"rung {rung}: no candidate has a validation score")
+    keep = math.ceil(len(scores) / eta)
+    survivors = [{k: v for k, v in parse_setting(text).items() if k != "steps"} for text in ranking["setting"][:keep]]
+    first = scores.iloc[0]
+    result = {
+        "source": first["source"],
+        "target": first["target"],
+        "method": first["method"],
+        "rung": rung,
+        "steps": int(frame["steps"].iloc[0]),
+        "eta": eta,
+        "survivors": survivors,
+        "candidates": json.loads(scores.drop(columns="selected").to_json(orient="records")),
+    }
+    write_json_atomic(out_path, result)
+    log.info("rung %d of %s/%s/%s (%d steps): %d of %d candidates go on", rung, first["source"], first["target"],
+             first["method"], result["steps"], len(survivors), len(scores))
     return result
 
 

@@ -1,46 +1,113 @@
-"""What a grid will cost before it is launched: job counts and GPU-hours.
+"""What a grid will cost before it is launched: job counts and device-hours.
 
-``python -m spbench.plan config.yaml`` prints the jobs of each kind and two GPU-hour figures
-for the fine-tunes: the allocation asked of the scheduler (jobs × GPUs × ``cluster.runtime``,
-an upper bound) and an estimate from the wall seconds of runs already recorded under
-``results/runs`` (scaled by steps), when there are any.
+``python -m spbench.plan config.yaml`` prints the jobs of each kind, the fine-tunes of each part
+of the study (model selection, the main grid, the figures) with the training images they
+process, and device-hours for them:
+
+- *requested*: jobs × GPUs × ``cluster.runtime``, what the scheduler is asked for (an upper
+  bound);
+- *estimated*, per device type: each run's training images (steps × batch size) divided by the
+  images per second measured on that device for the run's architecture and precision. The
+  measurements come from ``benchmarks/train_throughput.py --json`` outputs (``--throughput
+  FILE``, spbench's real training step) and from the runs already recorded under
+  ``results/runs`` (their ``images_per_second``). Evaluation passes are not counted.
+
+With ``selection.halving`` the selection's rungs are counted exactly (how many candidates each
+rung trains does not depend on which survive).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
-from .config import candidates, expand_runs, load_config
+from .config import RunSpec, candidates, expand_runs, first_survivors, halving_budgets, load_config
 from .methods import method_class
 
-__all__ = ["plan", "format_plan", "main"]
+__all__ = ["plan", "format_plan", "throughput_table", "main", "PARTS"]
+
+#: The parts of the study, by the experiments that make them up.
+PARTS = {"selection": ("select",), "main": ("main",), "figures": ("alpha_beta", "freeze")}
 
 
-def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """Job counts of the validated ``config`` and its fine-tunes' GPU-hours. ``measured``:
-    records of earlier runs (their ``wall_seconds`` per step gives the estimate)."""
+def throughput_table(benchmarks: Iterable[Mapping[str, Any]] = (), records: Iterable[Mapping[str, Any]] = ()) -> dict:
+    """Measured training images per second, as ``{(device, arch, precision): (images/s, n, where)}``.
+
+    ``benchmarks``: outputs of ``benchmarks/train_throughput.py --json`` (each row's
+    ``spbench_images_per_s``: the real step with its input pipeline); ``records``: run records
+    (the median ``images_per_second`` over the records of one device, arch and precision). A
+    benchmark measurement wins over records of the same key."""
+    table: dict[tuple[str, str, str], tuple[float, int, str]] = {}
+    grouped: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in records:
+        if r.get("images_per_second") and r.get("device") and r.get("arch"):
+            grouped[(r["device"], r["arch"], r.get("precision") or "fp32")].append(float(r["images_per_second"]))
+    for key, values in grouped.items():
+        table[key] = (statistics.median(values), len(values), "recorded runs")
+    for bench in benchmarks:
+        for row in bench["rows"]:
+            key = (bench["device_name"], bench["arch"], row["precision"])
+            table[key] = (float(row["spbench_images_per_s"]), 1, f"benchmark ({bench['image_size']} px, batch {bench['batch']})")
+    return table
+
+
+def _part(spec: RunSpec) -> str:
+    return next(part for part, experiments in PARTS.items() if spec.experiment in experiments)
+
+
+def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = None,
+         benchmarks: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Job counts of the validated ``config``, its fine-tunes per part with their training
+    images, and their device-hours: requested, and estimated per device from ``benchmarks``
+    (train_throughput.py outputs) and ``measured`` (records of earlier runs)."""
     # Before selection has run its outcome is unknown, but not the number of runs it leads to:
-    # count with the first candidate of each tuned method.
-    runs = list(expand_runs(config, lambda source, target, method: candidates(config, method)[0]))
+    # count with the first candidate of each tuned method (and the first survivors of each rung).
+    survivors = first_survivors(config) if halving_budgets(config) else None
+    runs = list(expand_runs(config, lambda source, target, method: candidates(config, method)[0], survivors))
     sources = sorted({r.source for r in runs})
     tasks = sorted({r.target for r in runs} | {config["sources"][s]["task"] for s in sources})
     fisher = sorted({r.source for r in runs if method_class(r.method).needs.fisher})
-    cluster, steps = config["cluster"], config["finetune"]["steps"]
+    cluster, ft = config["cluster"], config["finetune"]
     gpus = max(cluster["gpus"], 1)
+    precision = ft.get("precision", "auto")
+    parts: dict[str, dict[str, Any]] = {p: {"runs": 0, "images": 0, "by_arch": defaultdict(int)} for p in PARTS}
+    for spec in runs:
+        images = spec.steps(ft["steps"]) * ft["batch_size"]
+        part = parts[_part(spec)]
+        part["runs"] += 1
+        part["images"] += images
+        part["by_arch"][config["sources"][spec.source]["arch"]] += images
+    table = throughput_table(benchmarks or [], measured or [])
+    estimates = []
+    for device in sorted({d for d, _, _ in table}):
+        for prec in sorted({p for d, _, p in table if d == device}):
+            if precision not in ("auto", prec):
+                continue
+            rates = {arch: table[(device, arch, prec)] for d, arch, p in table if (d, p) == (device, prec)}
+            hours, missing = {}, set()
+            for name, part in parts.items():
+                seconds = 0.0
+                for arch, images in part["by_arch"].items():
+                    if arch in rates:
+                        seconds += images / rates[arch][0]
+                    else:
+                        missing.add(arch)
+                hours[name] = seconds / 3600 * gpus
+            estimates.append({"device": device, "precision": prec, "hours": hours,
+                              "total": None if missing else sum(hours.values()), "missing_archs": sorted(missing),
+                              "rates": {a: {"images_per_second": r, "n": n, "from": w} for a, (r, n, w) in rates.items()}})
     out: dict[str, Any] = {
         "jobs": {"prepare_task": len(tasks), "source": len(sources), "estimate_fisher": len(fisher), "finetune": len(runs)},
+        "parts": {name: {"runs": p["runs"], "images": p["images"], "by_arch": dict(p["by_arch"])} for name, p in parts.items()},
+        "halving": config.get("selection", {}).get("halving"),
         "requested_gpu_hours": len(runs) * gpus * cluster["runtime"] / 60,
-        "estimated_gpu_hours": None,
-        "measured_runs": 0,
+        "estimates": estimates,
         "unit": "GPU-hours" if cluster["gpus"] else "device-hours",  # CPU-only jobs: one device each
     }
-    per_step = [r["wall_seconds"] / r["steps"] for r in measured or [] if r.get("steps")]
-    if per_step:
-        out["measured_runs"] = len(per_step)
-        out["estimated_gpu_hours"] = len(runs) * gpus * statistics.median(per_step) * steps / 3600
     return out
 
 
@@ -48,23 +115,54 @@ def format_plan(p: Mapping[str, Any]) -> str:
     jobs = p["jobs"]
     lines = [f"{name:16s} {count:6d} jobs" for name, count in jobs.items()]
     lines.append(f"{'total':16s} {sum(jobs.values()):6d} jobs")
-    lines.append(f"fine-tunes: {p['requested_gpu_hours']:.2f} {p['unit']} requested (cluster.runtime per job, an upper bound)")
-    if p["estimated_gpu_hours"] is not None:
-        lines.append(f"fine-tunes: {p['estimated_gpu_hours']:.2f} {p['unit']} estimated from {p['measured_runs']} recorded runs")
-    else:
-        lines.append("fine-tunes: no recorded runs to estimate from (run a few first)")
+    lines.append("")
+    halving = p.get("halving")
+    lines.append("fine-tunes" + (f" (selection by successive halving: eta {halving['eta']}, {halving['rungs']} rungs)"
+                                 if halving else "") + ":")
+    for name, part in p["parts"].items():
+        lines.append(f"  {name:10s} {part['runs']:6d} runs  {part['images']:>15,d} training images")
+    lines.append(f"requested: {p['requested_gpu_hours']:.2f} {p['unit']} (cluster.runtime per job, an upper bound)")
+    if not p["estimates"]:
+        lines.append("estimated: no measured throughput (pass --throughput with a benchmarks/train_throughput.py "
+                     "--json output, or run a few fine-tunes first)")
+        return "\n".join(lines)
+    lines.append(f"estimated {p['unit']} (training images / measured images per second; evaluation not counted):")
+    header = f"  {'device':40s} {'precision':9s} " + " ".join(f"{n:>10s}" for n in p["parts"]) + f" {'total':>10s}"
+    lines.append(header)
+    for e in p["estimates"]:
+        total = f"{e['total']:10.2f}" if e["total"] is not None else f"{'n/a':>10s}"
+        lines.append(f"  {e['device'][:40]:40s} {e['precision']:9s} "
+                     + " ".join(f"{e['hours'][n]:10.2f}" for n in p["parts"]) + f" {total}")
+        for arch, r in sorted(e["rates"].items()):
+            lines.append(f"      {arch}: {r['images_per_second']:,.1f} images/s from {r['from']}"
+                         + (f" (median of {r['n']})" if r["n"] > 1 else ""))
+        if e["missing_archs"]:
+            lines.append(f"      no measurement for {', '.join(e['missing_archs'])} on this device: total n/a")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from .results import read_record
 
-    parser = argparse.ArgumentParser(prog="python -m spbench.plan", description="Job count and GPU-hours of a grid.")
-    parser.add_argument("config", type=Path, nargs="?", default=Path("config.yaml"))
+    parser = argparse.ArgumentParser(prog="python -m spbench.plan", description="Job count and device-hours of a grid.")
+    parser.add_argument("config", type=Path, nargs="+", default=[Path("config.yaml")],
+                        help="the config (several: merged in order, as snakemake --configfile merges them)")
+    parser.add_argument("--throughput", type=Path, action="append", default=[],
+                        help="a benchmarks/train_throughput.py --json output (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    config = load_config(*args.config)
     records = [read_record(p) for p in Path(config["results"], "runs").rglob("record.json")]
-    print(format_plan(plan(config, records)))
+    benchmarks = []
+    for path in args.throughput:
+        try:
+            benchmarks.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"--throughput {path}: {err}")
+        if not {"device_name", "arch", "rows"} <= set(benchmarks[-1]):
+            parser.error(f"--throughput {path}: not a benchmarks/train_throughput.py --json output")
+    p = plan(config, records, benchmarks)
+    print(json.dumps(p, indent=2, default=str) if args.json else format_plan(p))
     return 0
 
 

@@ -80,6 +80,7 @@ __all__ = [
     "table3",
     "selection_table",
     "selected_settings",
+    "rank_settings",
     "paired_differences",
     "overhead_table",
     "setting_labels",
@@ -328,7 +329,8 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     ``mean`` = mean of 100 · accuracy on the held-out fold (the ``test_accuracy`` column of a
     validation run) over those runs, each run weighing the same, ``std`` its sample std
     (ddof = 1). ``selected`` marks, per (source, target, method), the setting with the highest
-    ``mean``; equal means (compared to 1e-9 percentage points) go to the setting first in report
+    ``mean`` among those trained for the most steps (successive halving's shorter rungs, whose
+    setting says ``steps``, are listed but never selected); equal means (compared to 1e-9 percentage points) go to the setting first in report
     order (the smallest value of each hyper-parameter, in the order of their names: for the
     penalties alpha, then beta, then lr). A setting without any score is never selected.
     Test-set runs are never looked at.
@@ -341,16 +343,24 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     )
     out = out.merge(counts.reset_index(), on=GROUP, how="left", validate="one_to_one")
     out = _sort_rows(out)[[*GROUP, "n", "folds", "replicates", "mean", "std"]]
+    out["steps"] = [parse_setting(text).get("steps", math.inf) for text in out["setting"]]
     out["selected"] = False
     for _, group in out.groupby(["source", "target", "method"], sort=False):
-        scored = group[group["mean"].notna()]
-        if scored.empty:
-            continue
-        ranking = scored.assign(_m=-scored["mean"].round(9), _k=_setting_rank(scored)).sort_values(
-            ["_m", "_k"], kind="stable"
-        )
-        out.loc[ranking.index[0], "selected"] = True
-    return out
+        # with successive halving, the choice is among the settings trained for the full steps
+        full = group[group["steps"] == group["steps"].max()]
+        ranking = rank_settings(full)
+        if len(ranking):
+            out.loc[ranking.index[0], "selected"] = True
+    return out.drop(columns="steps")
+
+
+def rank_settings(scores: pd.DataFrame) -> pd.DataFrame:
+    """The scored rows of one (source, target, method) of :func:`selection_table`, best first:
+    highest ``mean``, equal means (to 1e-9 percentage points) in report order. Settings
+    without a score are left out."""
+    scored = scores[scores["mean"].notna()]
+    order = scored.assign(_m=-scored["mean"].round(9), _k=_setting_rank(scored)).sort_values(["_m", "_k"], kind="stable")
+    return order.drop(columns=["_m", "_k"])
 
 
 def selected_settings(runs: pd.DataFrame) -> pd.DataFrame:

@@ -77,8 +77,9 @@ class HParam:
     def __post_init__(self):
         if self.kind not in (float, int):
             raise TypeError(f"hyper-parameter {self.name!r}: kind must be float or int, not {self.kind!r}")
-        if not self.name.isidentifier() or self.name == "lr":
-            raise ValueError(f"hyper-parameter name {self.name!r} must be an identifier other than 'lr'")
+        if not self.name.isidentifier() or self.name in ("lr", "steps"):
+            raise ValueError(f"hyper-parameter name {self.name!r} must be an identifier other than 'lr' and "
+                             "'steps' (the training's own keys of a setting)")
         self.check(self.default)
 
     def check(self, value: Any) -> float | int:

@@ -1,0 +1,5 @@
+"""Checkpoint halve: one rung of successive halving; its best candidates go on to the next."""
+from spbench.pipeline import halve, setup_logging
+
+setup_logging(snakemake.log[0])
+halve(snakemake.input.records, snakemake.output.survivors, rung=int(snakemake.wildcards.rung), eta=snakemake.params.eta)
