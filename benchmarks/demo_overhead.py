@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""What the workflow costs beyond the training it runs: the demo's wall time against its
+fine-tunes' in-job time.
+
+Runs the real workflow (`snakemake --cores N`, this checkout's Snakefile) on a config (default:
+the demo's config.yaml) in a fresh temporary folder, times the whole command, then reads
+results/runs.parquet: the fine-tunes' in-job time is the sum of their ``wall_seconds`` (from the
+start of training to the record, evaluation included). Reported:
+
+  wall         seconds of the snakemake command (DAG, every job, the reports)
+  in-job       sum of the fine-tunes' wall_seconds, and that sum divided by the cores: the
+               wall time that perfect packing of the fine-tunes alone would take
+  ratio        wall / (in-job / cores): 1.0 means no cost beyond the fine-tunes' own time
+
+Run it on an otherwise idle machine: other load inflates both numbers unevenly.
+
+Usage:  python benchmarks/demo_overhead.py [--config config.yaml] [--cores 2] [--json] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=REPO / "config.yaml", help="the workflow config (default: the demo's)")
+    ap.add_argument("--cores", type=int, default=os.cpu_count(), help="snakemake --cores (default: all)")
+    ap.add_argument("--keep", type=Path, help="run in this folder (must not exist) and keep it; default: a temporary one")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return ap.parse_args(argv)
+
+
+def run_workflow(config: Path, cores: int, workdir: Path) -> tuple[float, int, str]:
+    """Run snakemake on ``config`` in ``workdir``; (wall seconds, jobs done, its output)."""
+    shutil.copy(config, workdir / config.name)
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    cmd = [snakemake, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile", config.name,
+           "--cores", str(cores)]
+    env = {**os.environ, "SPBENCH_PROGRESS": "log"}
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - began
+    if proc.returncode != 0:
+        raise SystemExit(f"snakemake failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    done = re.findall(r"(\d+) of (\d+) steps \(100%\) done", proc.stderr)
+    return wall, int(done[-1][0]) if done else 0, proc.stderr
+
+
+def measure(config: Path, cores: int, workdir: Path) -> dict:
+    from spbench.results import read_parquet
+
+    wall, jobs, _ = run_workflow(config, cores, workdir)
+    runs = read_parquet(workdir / "results" / "runs.parquet")
+    in_job = float(runs["wall_seconds"].sum())
+    return {
+        "config": str(config),
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
+        "cores": cores,
+        "jobs": jobs,
+        "finetunes": len(runs),
+        "wall_s": wall,
+        "in_job_s": in_job,
+        "median_in_job_s": float(runs["wall_seconds"].median()),
+        "in_job_per_core_s": in_job / cores,
+        "ratio": wall / (in_job / cores),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.keep:
+        args.keep.mkdir(parents=True)
+        result = measure(args.config.resolve(), args.cores, args.keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="spbench-demo-") as tmp:
+            result = measure(args.config.resolve(), args.cores, Path(tmp))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"demo_overhead: {result['config']} on {result['machine']}, snakemake --cores {result['cores']}")
+    print(f"jobs {result['jobs']}, fine-tunes {result['finetunes']} (median in-job {result['median_in_job_s']:.1f} s)")
+    print(f"wall                     {result['wall_s']:8.1f} s")
+    print(f"in-job (sum)             {result['in_job_s']:8.1f} s")
+    print(f"in-job / cores           {result['in_job_per_core_s']:8.1f} s")
+    print(f"ratio wall / (in-job / cores)  {result['ratio']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
