@@ -10,8 +10,8 @@ sys.path.insert(0, _SRC)
 # (PYTHONPATH is optional, so it is extended, not asserted with `envvars:`.)
 os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
 
-from spbench.config import (ConfigError, RunSpec, candidates, expand_runs, halving_budgets, main_runs, read_yaml,
-                            rung_runs, validate_config)
+from spbench.config import (ConfigError, RunSpec, candidates, expand_runs, group_members, halving_budgets, main_runs,
+                            parse_setting, read_yaml, run_groups, rung_runs, validate_config)
 from spbench.methods import method_class
 from spbench.penalties import PENALTIES
 from spbench.report_items import item_title
@@ -54,22 +54,6 @@ def sources_with_weights(kind):
 
 def get_source_task_files(wildcards):
     return task_files(config["sources"][wildcards.source]["task"])
-
-
-def get_run_spec(wildcards):
-    try:
-        spec = RunSpec.from_wildcards(dict(wildcards))
-        method_class(spec.method).resolve_hparams(spec.hparams)
-    except ValueError as err:
-        raise WorkflowError(f"bad run path: {err}") from None
-    return spec
-
-
-def get_run_config(wildcards):
-    """The resolved config of a run, canonical JSON (a param: it triggers reruns)."""
-    from spbench.pipeline import run_config
-
-    return json.dumps(run_config(config, get_run_spec(wildcards)), sort_keys=True)
 
 
 def report_options():
@@ -208,15 +192,16 @@ def category(path):
     return "Figures" if path.endswith(".png") else "Tables"
 
 
-def get_cluster_resources():
+def get_cluster_resources(runs=1):
     """Resources of a heavy job (config `cluster`): GPUs and CPUs, memory and runtime scaled by
-    the attempt (a retried job asks for more), Slurm partition and account when given."""
+    the attempt (a retried job asks for more), the runtime also by the fine-tunes the job runs
+    (``runs``: a run group's), Slurm partition and account when given."""
     cluster = config["cluster"]
     resources = {
         "gpu": cluster["gpus"],
         "cpus_per_task": cluster["cpus_per_task"],
         "mem_mb": lambda wildcards, attempt: cluster["mem_mb"] * attempt,
-        "runtime": lambda wildcards, attempt: cluster["runtime"] * attempt,
+        "runtime": lambda wildcards, attempt: cluster["runtime"] * attempt * runs,
     }
     for key in ("partition", "account"):
         value = cluster[key] or os.environ.get(f"SPBENCH_SLURM_{key.upper()}", "")

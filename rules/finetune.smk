@@ -1,39 +1,70 @@
-# One fine-tune per (experiment, source, target, method, setting, freeze depth, evaluation,
-# replicate); the output path spells the run's identity, and the run's seed is
-# derived from it. The fine-tuned classifier is kept only while a later job needs it (Fig. 4).
-# A preempted run (SIGTERM) leaves a checkpoint and fails; its retry resumes from it.
+# The fine-tunes, by run group (spbench.config.run_groups): one job per (experiment, source,
+# target, method, setting, freeze depth) trains the group's runs (its evaluations × replicates)
+# one after the other in one process, so that starting Python and importing torch is paid once
+# per group, not per run. Each run keeps its own output path, which spells its identity (the
+# run's seed is derived from it), its record, log and checkpoint. The fine-tuned classifier is
+# kept only while a later job needs it (Fig. 4). A preempted run (SIGTERM) leaves a checkpoint
+# and fails the job; the retry restores the group's finished runs and resumes the preempted one.
+
+GROUP_PATTERN = RunSpec.GROUP_PATTERN.removeprefix("{experiment}/")
 
 
-rule finetune:
-    input:
-        target=lambda wildcards: task_files(wildcards.target)["meta"],
-        target_images=lambda wildcards: task_files(wildcards.target)["images"],
-        source=lambda wildcards: get_source_task_files(wildcards)["meta"],
-        source_images=lambda wildcards: get_source_task_files(wildcards)["images"],
-        model=f"{RESULTS}/sources/{{source}}/model.pt",
-        info=f"{RESULTS}/sources/{{source}}/info.json",
-        fisher=get_fisher_input,
-        tracking=f"{RESULTS}/tracking.json",
-    output:
-        record=f"{RESULTS}/runs/{RUN_PATTERN}/record.json",
-        model=temp(f"{RESULTS}/runs/{RUN_PATTERN}/model.pt"),
-    log:
-        f"logs/finetune/{RUN_PATTERN}.log",
-    params:
-        run_key=lambda wildcards: get_run_spec(wildcards).key,
-        # The run's resolved config (spbench.pipeline.run_config), as Snakemake's params rerun
-        # trigger sees it: a config change reruns the runs it changes, and only those.
-        run_config=get_run_config,
-        # Not an output: Snakemake deletes the outputs of a failed attempt, and the
-        # checkpoint must outlive it (a preempted run resumes from it).
-        checkpoint=lambda wildcards: checkpoint_path(get_run_spec(wildcards)),
-    threads: config["finetune"]["threads"]
-    resources:
-        **get_cluster_resources(),
-    # On a cluster, `--group-components finetunes=N` packs N fine-tunes into one allocation.
-    group:
-        "finetunes"
-    conda:
-        "../envs/spbench.yaml"
-    script:
-        "../workflow_scripts/finetune.py"
+def group_specs(experiment, wildcards):
+    try:
+        members = group_members(config, experiment, wildcards.source, wildcards.target, wildcards.method,
+                                parse_setting(wildcards.setting), int(wildcards.freeze))
+        for spec in members:
+            if spec.setting_text != wildcards.setting:
+                raise ValueError(f"setting {wildcards.setting!r} is not canonical ({spec.setting_text!r})")
+            method_class(spec.method).resolve_hparams(spec.hparams)
+    except ValueError as err:
+        raise WorkflowError(f"bad run path: {err}") from None
+    return members
+
+
+def group_run_config(experiment, wildcards):
+    """Each run's resolved config, canonical JSON (a param: a config change reruns the groups
+    whose runs it changes, and only those)."""
+    from spbench.pipeline import run_config
+
+    return json.dumps({s.key: run_config(config, s) for s in group_specs(experiment, wildcards)}, sort_keys=True)
+
+
+for _experiment, (_evaluations, _replicates) in run_groups(config).items():
+    _runs = [f"{_experiment}/{GROUP_PATTERN}/{e}/rep{r}" for e in _evaluations for r in range(_replicates)]
+
+    rule:
+        name:
+            f"finetune_{_experiment}"
+        input:
+            target=lambda wildcards: task_files(wildcards.target)["meta"],
+            target_images=lambda wildcards: task_files(wildcards.target)["images"],
+            source=lambda wildcards: get_source_task_files(wildcards)["meta"],
+            source_images=lambda wildcards: get_source_task_files(wildcards)["images"],
+            model=f"{RESULTS}/sources/{{source}}/model.pt",
+            info=f"{RESULTS}/sources/{{source}}/info.json",
+            fisher=get_fisher_input,
+            tracking=f"{RESULTS}/tracking.json",
+        output:
+            records=[f"{RESULTS}/runs/{run}/record.json" for run in _runs],
+            models=temp([f"{RESULTS}/runs/{run}/model.pt" for run in _runs]),
+        log:
+            [f"logs/finetune/{run}.log" for run in _runs],
+        params:
+            run_keys=lambda wildcards, experiment=_experiment: [s.key for s in group_specs(experiment, wildcards)],
+            run_config=lambda wildcards, experiment=_experiment: group_run_config(experiment, wildcards),
+            # Not outputs: Snakemake deletes the outputs of a failed attempt, and the
+            # checkpoints (and the finished runs kept beside them) must outlive it.
+            checkpoints=lambda wildcards, experiment=_experiment: [
+                checkpoint_path(s) for s in group_specs(experiment, wildcards)
+            ],
+        threads: config["finetune"]["threads"]
+        resources:
+            **get_cluster_resources(len(_runs)),
+        # On a cluster, `--group-components finetunes=N` packs N groups into one allocation.
+        group:
+            "finetunes"
+        conda:
+            "../envs/spbench.yaml"
+        script:
+            "../workflow_scripts/finetune.py"

@@ -198,3 +198,34 @@ def test_setting_text():
     for bad in ("lr=0.05_alpha=0.1", "alpha", "alpha=0.10", "alpha=0.1,,lr=0.05", "1x=0.1"):
         with pytest.raises(ValueError):
             parse_setting(bad)
+
+
+def test_run_groups_cover_every_run_once():
+    """Every run belongs to exactly one run group (one job), whose members are its evaluations ×
+    replicates; the demo's 133 fine-tunes are 67 jobs."""
+    from collections import Counter
+
+    from spbench.config import candidates, expand_runs, group_members, load_config, run_groups
+
+    config = load_config(REPO / "config.yaml")
+    assert run_groups(config)["main"] == (["test"], 3) and run_groups(config)["select"] == (["val0"], 1)
+    runs = expand_runs(config, lambda s, t, m: candidates(config, m)[0])
+    groups = Counter((r.experiment, r.source, r.target, r.method, r.setting_text, r.freeze) for r in runs)
+    assert len(runs) == 133 and len(groups) == 67
+    members = set()
+    for e, s, t, m, setting, f in groups:
+        group = group_members(config, e, s, t, m, dict(next(r for r in runs if r.setting_text == setting).setting), f)
+        assert all(r.experiment == e and r.setting_text == setting for r in group)
+        members |= {r.key for r in group}
+    assert members == {r.key for r in runs}
+
+
+def test_a_run_key_reads_back():
+    from spbench.config import RunSpec
+
+    spec = RunSpec("src", "tgt", "l2_sp", {"alpha": 0.1, "beta": 0.01, "lr": 0.01, "steps": 5}, 2, 1,
+                   evaluation="val0", experiment="select")
+    assert RunSpec.from_key(spec.key) == spec
+    for bad in ("main/src", spec.key + "/x", spec.key.replace("alpha=0.1", "alpha=0.10")):
+        with pytest.raises(ValueError):
+            RunSpec.from_key(bad)

@@ -19,7 +19,9 @@ def test_plan_of_the_tiny_grid():
     config = load_config(REPO / "config" / "tiny.yaml")
     p = plan(config)
     # 2 selection runs (l2_sp's two α), 5 methods × 2 replicates, Fig. 1's 2 × 2 grid, Fig. 3's 2 runs
-    assert p["jobs"] == {"prepare_task": 2, "source": 1, "estimate_fisher": 1, "finetune": 18}
+    # a job per run group: the 2 replicates of each main setting share one
+    assert p["jobs"] == {"prepare_task": 2, "source": 1, "estimate_fisher": 1, "finetune": 13}
+    assert p["finetune_runs"] == 18
     assert {k: v["runs"] for k, v in p["parts"].items()} == {"selection": 2, "main": 10, "figures": 6}
     assert p["parts"]["main"]["images"] == 10 * 10 * 32  # runs × steps × batch
     assert p["requested_gpu_hours"] == pytest.approx(18 * 10 / 60)  # 18 jobs × 10 min, one device each
@@ -81,7 +83,7 @@ def test_plan_command_prints_the_demo_grid(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config.yaml")], cwd=tmp_path,
                           capture_output=True, text=True, check=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
     # 18 selection runs, 11 methods × 3 targets × 3 replicates, Fig. 1's 8 and Fig. 3's 8 runs
-    assert "finetune            133 jobs" in proc.stdout
+    assert "finetune             67 jobs (133 runs, by run group)" in proc.stdout
     assert "requested: 133.00 GPU-hours (cluster.runtime per job" in proc.stdout
     for part in ("selection", "main", "figures"):
         assert re.search(rf"^  {part} +\d+ runs", proc.stdout, re.M), part
@@ -111,6 +113,7 @@ def test_fisher_jobs_follow_the_methods_needs():
     config["grid"]["methods"] = {"none": {}, "l2_sp": {"alpha": [0.01]}, "lwf": {}, "bss": {}}
     config.pop("figures")
     p = plan(config)
-    assert p["jobs"] == {"prepare_task": 2, "source": 1, "estimate_fisher": 0, "finetune": 4 * 2}
+    assert p["jobs"] == {"prepare_task": 2, "source": 1, "estimate_fisher": 0, "finetune": 4}
+    assert p["finetune_runs"] == 4 * 2
     config["grid"]["methods"]["l2_sp_fisher"] = {"alpha": [0.01]}
     assert plan(config)["jobs"]["estimate_fisher"] == 1

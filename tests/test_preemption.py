@@ -200,3 +200,91 @@ def test_checkpoint_of_another_run_is_refused(prepared, tmp_path):
     save_checkpoint(paths["checkpoint_path"], {"run_key": "someone/else", "config_json": "{}", "step": 1})
     with pytest.raises(ValueError, match="another run"):
         finetune_run(config, SPEC, **paths)
+
+
+# --- a run group: several runs in one process ---------------------------------------------
+
+def _group(root: Path, name: str, config: dict, reps: int = 2):
+    from spbench.config import group_members
+
+    specs = group_members(config, "main", SPEC.source, SPEC.target, SPEC.method, dict(SPEC.setting), 0)[:reps]
+    paths = {k: v for k, v in _paths(root, name).items() if k not in ("record_out", "checkpoint_path")}
+    out = root / name
+    return specs, dict(
+        record_outs=[str(out / s.key / "record.json") for s in specs],
+        model_outs=[str(out / s.key / "model.pt") for s in specs],
+        checkpoint_paths=[str(out / "checkpoints" / s.key / "checkpoint.pt") for s in specs],
+        **paths,
+    )
+
+
+@pytest.fixture
+def short(prepared):
+    root, config = prepared
+    config = json.loads(json.dumps(config))
+    config["finetune"]["steps"] = 30
+    config["grid"]["replicates"] = 2
+    return root, config
+
+
+def test_a_group_gives_each_run_the_record_it_gets_alone(short):
+    """Two replicates trained one after the other in one process: each record is the one the
+    run gets when trained on its own (no state leaks from one run into the next)."""
+    from spbench.pipeline import finetune_group
+
+    root, config = short
+    specs, kw = _group(root, "group", config)
+    records = finetune_group(config, specs, **kw)
+    assert [r["replicate"] for r in records] == [0, 1] and records[0]["seed"] != records[1]["seed"]
+    paths = _paths(root, "alone")
+    paths["checkpoint_path"] = None
+    alone, _ = finetune_run(config, specs[1], **paths)
+    strip = lambda r: {k: v for k, v in r.items() if k not in COST_FIELDS}  # noqa: E731
+    assert strip(read_record(kw["record_outs"][1])) == strip(alone)
+    assert not any((Path(p).parent / "done").exists() for p in kw["checkpoint_paths"])
+
+
+def test_a_failed_group_keeps_its_finished_runs(short, monkeypatch):
+    """The second run is preempted: the job's outputs are removed (as Snakemake removes a failed
+    job's), and the retry restores the first run instead of training it again."""
+    import spbench.pipeline as pipeline
+
+    root, config = short
+    specs, kw = _group(root, "failing", config)
+    real = pipeline.finetune_run
+    calls = []
+
+    def preempt_second(config, spec, **kwargs):
+        calls.append(spec.key)
+        if len(calls) == 2:
+            raise Preempted("training stopped at step 3 of 30; rerun to resume")
+        return real(config, spec, **kwargs)
+
+    monkeypatch.setattr(pipeline, "finetune_run", preempt_second)
+    with pytest.raises(Preempted):
+        pipeline.finetune_group(config, specs, **kw)
+    first = read_record(kw["record_outs"][0])
+    for path in kw["record_outs"] + kw["model_outs"]:
+        Path(path).unlink(missing_ok=True)
+    calls.clear()
+    monkeypatch.setattr(pipeline, "finetune_run", lambda config, spec, **kwargs: (calls.append(spec.key), real(config, spec, **kwargs))[1])
+    pipeline.finetune_group(config, specs, **kw)
+    assert calls == [specs[1].key]  # the first run was restored, not trained again
+    assert read_record(kw["record_outs"][0]) == first and Path(kw["model_outs"][0]).exists()
+    assert not any((Path(p).parent / "done").exists() for p in kw["checkpoint_paths"])
+
+
+def test_a_finished_run_of_another_config_is_trained_again(short):
+    from spbench.pipeline import _restore_finished, finetune_group
+
+    root, config = short
+    specs, kw = _group(root, "changed", config, reps=1)
+    finetune_group(config, specs, **kw)
+    done = Path(kw["checkpoint_paths"][0]).parent / "done"
+    done.mkdir(parents=True)
+    for name, out in (("record.json", kw["record_outs"][0]), ("model.pt", kw["model_outs"][0])):
+        (done / name).write_bytes(Path(out).read_bytes())
+    assert _restore_finished(config, specs[0], done, kw["record_outs"][0], kw["model_outs"][0]) is not None
+    config["finetune"]["steps"] = 31
+    assert _restore_finished(config, specs[0], done, kw["record_outs"][0], kw["model_outs"][0]) is None
+    assert not done.exists()

@@ -94,8 +94,8 @@ def test_a_finetune_key_reruns_every_finetune_and_what_follows(finished):
     config = yaml.safe_load((finished / "c.yaml").read_text())
     config["finetune"]["steps"] += 1
     planned = _dry(finished, config)
-    # none, l2, l2_sp at two settings, × 2 replicates
-    assert planned.get("finetune") == 4 * 2, planned
+    # none, l2, l2_sp at two settings: four run groups (each job trains its two replicates)
+    assert planned.get("finetune_main") == 4, planned
     assert {"aggregate", "report", "activations"} <= set(planned)
     assert "prepare_task" not in planned and "pretrain_source" not in planned and "estimate_fisher" not in planned
 
@@ -104,30 +104,33 @@ def test_a_new_method_adds_its_runs_and_its_fisher_only(finished):
     config = yaml.safe_load((finished / "c.yaml").read_text())
     config["grid"]["methods"]["l2_sp_fisher"] = {"alpha": [0.1]}
     planned = _dry(finished, config)
-    assert planned.get("finetune") == 2, planned  # the new method's two replicates, nothing else
+    assert planned.get("finetune_main") == 1, planned  # the new method's group (two replicates), nothing else
     assert planned.get("estimate_fisher") == 1
 
 
 def test_a_figure_option_reruns_its_analysis_only(finished):
     """Fig. 4's option reruns Fig. 4's analysis and the report; the analysis reads the
     classifiers of replicate 0 of l2 and l2_sp (two settings), which are temporary files, so
-    those three fine-tunes are made again (with the same records) and no other."""
+    the three run groups that make them train again (with the same records) and no other."""
     config = yaml.safe_load((finished / "c.yaml").read_text())
     config["figures"]["activations"]["max_images"] = 32
     planned = _dry(finished, config)
-    assert planned.get("finetune") == 3, planned
+    assert planned.get("finetune_main") == 3, planned
     assert planned.get("activations") == 1 and "report" in planned
     assert "pretrain_source" not in planned and "prepare_task" not in planned
 
 
 def test_a_deleted_record_is_made_again(finished):
+    """A deleted record is made again by its run group's job, and nothing else trains. (Had the
+    group been one whose replicate 0 feeds Fig. 4, its remade classifier would rerun Fig. 4's
+    analysis, and with it the other groups whose temporary classifiers that analysis reads.)"""
     config = yaml.safe_load((finished / "c.yaml").read_text())
-    record = next((finished / "results" / "runs" / "main").rglob("l2/*/freeze0/test/rep1/record.json"))
+    record = next((finished / "results" / "runs" / "main").rglob("none/*/freeze0/test/rep1/record.json"))
     backup = record.read_bytes()
     record.unlink()
     try:
         planned = _dry(finished, config)
-        assert planned.get("finetune") == 1 and "aggregate" in planned, planned
+        assert planned.get("finetune_main") == 1 and "aggregate" in planned, planned  # its group
     finally:
         record.write_bytes(backup)
 

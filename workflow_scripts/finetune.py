@@ -1,28 +1,37 @@
-"""Rule finetune: one fine-tune run -> its record (the source of truth), then MLflow.
-On SIGTERM the run checkpoints and fails (spbench.train.Preempted); the retry resumes."""
+"""Rules finetune_{experiment}: one run group's fine-tunes, one after the other -> their records
+(the source of truth), then MLflow. On SIGTERM the running fine-tune checkpoints and fails
+(spbench.train.Preempted); the retry restores the finished ones and resumes it."""
 from pathlib import Path
 
 from spbench.config import RunSpec
-from spbench.pipeline import finetune_run, run_config, setup_logging
+from spbench.pipeline import finetune_group, run_config, setup_logging
 from spbench.tracking import log_run
 
 setup_logging(snakemake.log[0])
-spec = RunSpec.from_wildcards(dict(snakemake.wildcards))
-if spec.key != snakemake.params.run_key or not snakemake.output.record.endswith(f"{spec.key}/record.json"):
-    raise ValueError(f"non-canonical run path {snakemake.output.record}: expected .../{spec.key}/record.json")
-record, curve = finetune_run(
+specs = [RunSpec.from_key(key) for key in snakemake.params.run_keys]
+for spec, record in zip(specs, snakemake.output.records):
+    if not record.endswith(f"{spec.key}/record.json"):
+        raise ValueError(f"non-canonical run path {record}: expected .../{spec.key}/record.json")
+tracking = snakemake.config["tracking"]
+
+
+def track(spec, record, curve):
+    if tracking["log_from"] == "jobs":  # else rule log_runs logs every run once the records are in
+        log_run(tracking["uri"], tracking["experiment"], record, run_config(snakemake.config, spec), curve,
+                timeout_s=tracking["timeout_s"])
+
+
+finetune_group(
     snakemake.config,
-    spec,
+    specs,
+    record_outs=list(snakemake.output.records),
+    model_outs=list(snakemake.output.models),
+    checkpoint_paths=list(snakemake.params.checkpoints),
+    log_paths=list(snakemake.log),
+    on_record=track,
     source_model=snakemake.input.model,
     source_info=snakemake.input.info,
     target_dir=Path(snakemake.input.target).parent,
     source_dir=Path(snakemake.input.source).parent,
     fisher_path=snakemake.input.fisher or None,
-    record_out=snakemake.output.record,
-    model_out=snakemake.output.model,
-    checkpoint_path=snakemake.params.checkpoint,
 )
-tracking = snakemake.config["tracking"]
-if tracking["log_from"] == "jobs":  # else rule log_runs logs every run once the records are in
-    log_run(tracking["uri"], tracking["experiment"], record, run_config(snakemake.config, spec), curve,
-            timeout_s=tracking["timeout_s"])

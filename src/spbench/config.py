@@ -41,6 +41,8 @@ __all__ = [
     "first_survivors",
     "rung_runs",
     "TRAINING_KEYS",
+    "run_groups",
+    "group_members",
     "main_runs",
     "figure_runs",
     "final_settings",
@@ -210,6 +212,9 @@ class RunSpec:
     PATTERN: ClassVar[str] = (
         "{experiment}/{source}/{target}/{method}/{setting}/freeze{freeze}/{evaluation}/rep{replicate}"
     )
+    #: A run group's part of :attr:`PATTERN`: the runs that differ only in their evaluation and
+    #: replicate, which one job trains one after the other (:func:`run_groups`).
+    GROUP_PATTERN: ClassVar[str] = "{experiment}/{source}/{target}/{method}/{setting}/freeze{freeze}"
     #: The regular expression of each wildcard of :attr:`PATTERN`.
     WILDCARDS: ClassVar[dict[str, str]] = {
         "experiment": "|".join(("main", "select", "alpha_beta", "freeze")),
@@ -240,6 +245,18 @@ class RunSpec:
         if spec.setting_text != w["setting"]:
             raise ValueError(f"setting {w['setting']!r} is not canonical ({spec.setting_text!r})")
         return spec
+
+    @classmethod
+    def from_key(cls, key: str) -> "RunSpec":
+        """The run whose :attr:`key` (its folder under ``runs/``) is ``key``; ValueError when
+        the text is not a canonical run key."""
+        pattern = re.escape(cls.PATTERN)
+        for name, regex in cls.WILDCARDS.items():
+            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{regex})")
+        found = re.fullmatch(pattern, key)
+        if not found:
+            raise ValueError(f"{key!r} is not a run key ({cls.PATTERN})")
+        return cls.from_wildcards(found.groupdict())
 
     @property
     def setting_text(self) -> str:
@@ -698,6 +715,32 @@ def figure_runs(config: Mapping, choose=None) -> list[RunSpec]:
         runs += _tuned_runs(config, choose, fig.get("sources", grid["sources"]), fig["targets"], fig["methods"],
                             fig["depths"], fig["replicates"], "freeze")
     return runs
+
+
+def run_groups(config: Mapping) -> dict[str, tuple[list[str], int]]:
+    """The run groups of each experiment the config runs: its evaluations and its number of
+    replicates. A group is every run of one (experiment, source, target, method, setting,
+    freeze depth) over these evaluations × replicates; one job trains a group, its runs one
+    after the other in one process (the per-job cost of starting Python and importing torch is
+    paid once), each run still its own record, log, seed and checkpoint."""
+    grid, figures = config["grid"], config.get("figures", {})
+    groups: dict[str, tuple[list[str], int]] = {"main": (["test"], grid["replicates"])}
+    if "selection" in config:
+        sel = config["selection"]
+        groups["select"] = ([f"val{f}" for f in range(sel["use_folds"])], sel["replicates"])
+    for experiment in ("alpha_beta", "freeze"):
+        if experiment in figures:
+            groups[experiment] = (["test"], figures[experiment]["replicates"])
+    return groups
+
+
+def group_members(config: Mapping, experiment: str, source: str, target: str, method: str, setting: Setting,
+                  freeze: int) -> list[RunSpec]:
+    """The runs of one run group (:func:`run_groups`), evaluation by evaluation, replicate by
+    replicate."""
+    evaluations, replicates = run_groups(config)[experiment]
+    return [RunSpec(source, target, method, setting, freeze, rep, evaluation=evaluation, experiment=experiment)
+            for evaluation in evaluations for rep in range(replicates)]
 
 
 def expand_runs(config: Mapping, choose=None, survivors=None) -> list[RunSpec]:

@@ -13,7 +13,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -46,6 +46,7 @@ __all__ = [
     "compute_fisher",
     "run_config",
     "finetune_run",
+    "finetune_group",
     "evaluation_split",
     "device_name",
     "resolve_device",
@@ -436,6 +437,73 @@ def finetune_run(
     log.info("run %s: test accuracy %.4f, source accuracy %.4f (drop %.4f), %.1f s",
              spec.key, test_acc, source_acc, source_acc - info["test_accuracy"], wall)
     return record, history.loss
+
+
+def finetune_group(
+    config: Mapping,
+    specs: Sequence[RunSpec],
+    *,
+    record_outs: Sequence,
+    model_outs: Sequence,
+    checkpoint_paths: Sequence,
+    log_paths: Sequence | None = None,
+    on_record: Callable[[RunSpec, dict, list[float]], None] | None = None,
+    **inputs,
+) -> list[dict]:
+    """A run group's fine-tunes (:func:`spbench.config.run_groups`), one after the other in
+    this process, each by :func:`finetune_run` with its own record, model, checkpoint and log
+    (``log_paths``); ``inputs`` are finetune_run's (source model and info, task folders,
+    Fisher). ``on_record(spec, record, curve)`` follows each run (the tracker).
+
+    Nothing finished is lost when a later run of the group fails or is preempted (the job's
+    outputs are then removed): each finished run's record and model are also kept in a
+    ``done/`` folder beside its checkpoint until the whole group is through, and a retry restores
+    them instead of training again, when their resolved config is the run's."""
+    import shutil
+
+    records = []
+    for i, spec in enumerate(specs):
+        if log_paths:
+            setup_logging(log_paths[i])
+        done = Path(checkpoint_paths[i]).parent / "done"
+        record = _restore_finished(config, spec, done, record_outs[i], model_outs[i])
+        if record is not None:
+            curve = list(record.get("train_loss", []))
+            log.info("run %s: restored from an earlier attempt of its group (%s)", spec.key, done)
+        else:
+            record, curve = finetune_run(config, spec, record_out=record_outs[i], model_out=model_outs[i],
+                                         checkpoint_path=checkpoint_paths[i], **inputs)
+            if len(specs) > 1:
+                done.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(model_outs[i], done / "model.pt")
+                shutil.copy2(record_outs[i], done / "record.json")  # last: its presence means both are whole
+        if on_record is not None:
+            on_record(spec, record, curve)
+        records.append(record)
+    for path in checkpoint_paths:
+        shutil.rmtree(Path(path).parent / "done", ignore_errors=True)
+    return records
+
+
+def _restore_finished(config: Mapping, spec: RunSpec, done: Path, record_out, model_out) -> dict | None:
+    """A run finished by an earlier attempt of its group, copied back to its outputs; None
+    when there is none, or when it ran under another config (then it is removed)."""
+    import shutil
+
+    from .results import read_record
+
+    kept = done / "record.json"
+    if not kept.exists() or not (done / "model.pt").exists():
+        return None
+    record = read_record(kept)
+    if record.get("run_key") != spec.key or record.get("config_json") != json.dumps(run_config(config, spec), sort_keys=True):
+        log.warning("run %s: %s holds a run of another config; training again", spec.key, done)
+        shutil.rmtree(done, ignore_errors=True)
+        return None
+    Path(model_out).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(done / "model.pt", model_out)
+    write_record(record_out, record)
+    return record
 
 
 def setup_logging(log_path=None, level: int = logging.INFO) -> None:

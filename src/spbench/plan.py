@@ -100,8 +100,11 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
             estimates.append({"device": device, "precision": prec, "hours": hours,
                               "total": None if missing else sum(hours.values()), "missing_archs": sorted(missing),
                               "rates": {a: {"images_per_second": r, "n": n, "from": w} for a, (r, n, w) in rates.items()}})
+    groups = {(r.experiment, r.source, r.target, r.method, r.setting_text, r.freeze) for r in runs}
     out: dict[str, Any] = {
-        "jobs": {"prepare_task": len(tasks), "source": len(sources), "estimate_fisher": len(fisher), "finetune": len(runs)},
+        # a fine-tune job trains one run group (spbench.config.run_groups)
+        "jobs": {"prepare_task": len(tasks), "source": len(sources), "estimate_fisher": len(fisher), "finetune": len(groups)},
+        "finetune_runs": len(runs),
         "parts": {name: {"runs": p["runs"], "images": p["images"], "by_arch": dict(p["by_arch"])} for name, p in parts.items()},
         "halving": config.get("selection", {}).get("halving"),
         "requested_gpu_hours": len(runs) * gpus * cluster["runtime"] / 60,
@@ -113,7 +116,8 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
 
 def format_plan(p: Mapping[str, Any]) -> str:
     jobs = p["jobs"]
-    lines = [f"{name:16s} {count:6d} jobs" for name, count in jobs.items()]
+    lines = [f"{name:16s} {count:6d} jobs" + (f" ({p['finetune_runs']} runs, by run group)" if name == "finetune" else "")
+             for name, count in jobs.items()]
     lines.append(f"{'total':16s} {sum(jobs.values()):6d} jobs")
     lines.append("")
     halving = p.get("halving")
