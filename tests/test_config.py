@@ -118,12 +118,13 @@ def test_expand_runs_covers_the_study(demo):
     assert len({r.key for r in runs}) == len(runs)
     select = [r for r in runs if r.experiment == "select"]
     assert {r.method for r in select} == {"l2", "l2_sp", "l2_sp_fisher"}
-    assert len(select) == 3 * 2 * 3 and {r.evaluation for r in select} == {"val0"}
+    # 3 targets × 2 candidates × 3 of 5 folds
+    assert len(select) == 3 * 2 * 3 * 3 and {r.evaluation for r in select} == {"val0", "val1", "val2"}
     main = [r for r in runs if r.experiment == "main"]
-    # the seven penalties and LwF, DELTA, BSS, Co-Tuning, each at one setting × 3 targets × 3 replicates
+    # the seven penalties and LwF, DELTA, BSS, Co-Tuning, each at one setting × 3 targets × 5 replicates
     assert {r.method for r in main} == {"none", "l2", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher",
                                         "lwf", "delta", "bss", "co_tuning"}
-    assert len(main) == 11 * 3 * 3
+    assert len(main) == 11 * 3 * 5
     assert {r.setting_text for r in main if r.method == "bss"} == {"eta=0.001_k=1_lr=0.05"}
     assert {r.hparams["alpha"] for r in main if r.method == "l2_sp"} == {0.1}
     assert all(r.hparams == {} and r.setting_text == "lr=0.05" for r in runs if r.method == "none")
@@ -202,16 +203,17 @@ def test_setting_text():
 
 def test_run_groups_cover_every_run_once():
     """Every run belongs to exactly one run group (one job), whose members are its evaluations ×
-    replicates; the demo's 133 fine-tunes are 67 jobs."""
+    replicates; the demo's 235 fine-tunes are 67 jobs."""
     from collections import Counter
 
     from spbench.config import candidates, expand_runs, group_members, load_config, run_groups
 
     config = load_config(REPO / "config.yaml")
-    assert run_groups(config)["main"] == (["test"], 3) and run_groups(config)["select"] == (["val0"], 1)
+    assert run_groups(config)["main"] == (["test"], 5)
+    assert run_groups(config)["select"] == (["val0", "val1", "val2"], 1)
     runs = expand_runs(config, lambda s, t, m: candidates(config, m)[0])
     groups = Counter((r.experiment, r.source, r.target, r.method, r.setting_text, r.freeze) for r in runs)
-    assert len(runs) == 133 and len(groups) == 67
+    assert len(runs) == 235 and len(groups) == 67
     members = set()
     for e, s, t, m, setting, f in groups:
         group = group_members(config, e, s, t, m, dict(next(r for r in runs if r.setting_text == setting).setting), f)
