@@ -118,8 +118,8 @@ def test_expand_runs_covers_the_study(demo):
     assert len({r.key for r in runs}) == len(runs)
     select = [r for r in runs if r.experiment == "select"]
     assert {r.method for r in select} == {"l2", "l2_sp", "l2_sp_fisher"}
-    # 3 targets × 2 candidates × 3 of 5 folds
-    assert len(select) == 3 * 2 * 3 * 3 and {r.evaluation for r in select} == {"val0", "val1", "val2"}
+    # 3 targets × 2 candidates × 2 of 5 folds
+    assert len(select) == 3 * 2 * 3 * 2 and {r.evaluation for r in select} == {"val0", "val1"}
     main = [r for r in runs if r.experiment == "main"]
     # the seven penalties and LwF, DELTA, BSS, Co-Tuning, each at one setting × 3 targets × 5 replicates
     assert {r.method for r in main} == {"none", "l2", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher",
@@ -203,17 +203,17 @@ def test_setting_text():
 
 def test_run_groups_cover_every_run_once():
     """Every run belongs to exactly one run group (one job), whose members are its evaluations ×
-    replicates; the demo's 235 fine-tunes are 67 jobs."""
+    replicates; the demo's 217 fine-tunes are 67 jobs."""
     from collections import Counter
 
     from spbench.config import candidates, expand_runs, group_members, load_config, run_groups
 
     config = load_config(REPO / "config.yaml")
     assert run_groups(config)["main"] == (["test"], 5)
-    assert run_groups(config)["select"] == (["val0", "val1", "val2"], 1)
+    assert run_groups(config)["select"] == (["val0", "val1"], 1)
     runs = expand_runs(config, lambda s, t, m: candidates(config, m)[0])
     groups = Counter((r.experiment, r.source, r.target, r.method, r.setting_text, r.freeze) for r in runs)
-    assert len(runs) == 235 and len(groups) == 67
+    assert len(runs) == 217 and len(groups) == 67
     members = set()
     for e, s, t, m, setting, f in groups:
         group = group_members(config, e, s, t, m, dict(next(r for r in runs if r.setting_text == setting).setting), f)

@@ -82,10 +82,10 @@ def test_halving_is_priced_rung_by_rung():
 def test_plan_command_prints_the_demo_grid(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config.yaml")], cwd=tmp_path,
                           capture_output=True, text=True, check=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
-    # 18 candidates × 3 folds, 11 methods × 3 targets × 5 replicates, Fig. 1's 8 and Fig. 3's 8 runs;
+    # 18 candidates × 2 folds, 11 methods × 3 targets × 5 replicates, Fig. 1's 8 and Fig. 3's 8 runs;
     # a job per candidate, per main setting, per figure run
-    assert "finetune             67 jobs (235 runs, by run group)" in proc.stdout
-    assert "requested: 235.00 GPU-hours (cluster.runtime per job" in proc.stdout
+    assert "finetune             67 jobs (217 runs, by run group)" in proc.stdout
+    assert "requested: 217.00 GPU-hours (cluster.runtime per job" in proc.stdout
     for part in ("selection", "main", "figures"):
         assert re.search(rf"^  {part} +\d+ runs", proc.stdout, re.M), part
 
