@@ -150,12 +150,18 @@ def report_names():
     tables = ["table2", "table3"]
     if "l2" in config["grid"]["methods"] and len(config["grid"]["methods"]) > 1:
         tables.append("paired")  # every setting against l2, paired by replicate
+    # every method across tasks: needs two (source, target) tasks and three methods
+    across = len(config["grid"]["sources"]) * len(config["grid"]["targets"]) >= 2 and len(config["grid"]["methods"]) >= 3
+    if across:
+        tables.append("ranks")
     if "selection" in config:
         tables.append("selection")
     if "overhead" in figures:
         tables.append("overhead")
     figs = ["fig2"]
     figs += [name for key, name in (("alpha_beta", "fig1"), ("freeze", "fig3"), ("activations", "fig4")) if key in figures]
+    if across:
+        figs.append("cd")  # the critical-difference diagram of the ranks
     return tables, figs
 
 

@@ -702,6 +702,7 @@ GOLDEN = [
     ("overhead.md", lambda r, o: reports.render_overhead(reports.overhead_table(o))),
     ("table2_paper.md", lambda r, o: reports.render_table2(reports.table2(_as_paper_target(r)))),
     ("table3_paper.md", lambda r, o: reports.render_table3(reports.table3(_as_paper_target(r)))),
+    ("ranks.md", lambda r, o: reports.render_ranks(reports.rank_table(r))),
 ]
 
 
@@ -982,8 +983,8 @@ def test_figures_are_not_managed_by_pyplot(runs):
 
 # --------------------------------------------------------------------------- writing, CLI
 
-TABLES = ["table2", "table3", "selection", "paired", "overhead"]
-FIGURES = ["fig1", "fig2", "fig3", "fig4"]
+TABLES = ["table2", "table3", "selection", "paired", "ranks", "overhead"]
+FIGURES = ["fig1", "fig2", "fig3", "fig4", "cd"]
 ALL_FILES = [f"{t}.{e}" for t in TABLES for e in ("md", "tex", "html", "csv")] + [
     f"{f}.{e}" for f in FIGURES for e in ("png", "pdf")
 ] + ["report.html"]
@@ -1045,8 +1046,8 @@ def test_write_reports_skips_what_the_data_cannot_support(runs, tmp_path, caplog
     with caplog.at_level(logging.INFO, logger="spbench.reports"):
         paths = reports.write_reports(main, tmp_path / "out")
     names = [p.name for p in paths]
-    assert names == [f"{t}.{e}" for t in ("table2", "table3", "paired") for e in ("md", "tex", "html", "csv")] + [
-        "fig2.png", "fig2.pdf", "report.html"
+    assert names == [f"{t}.{e}" for t in ("table2", "table3", "paired", "ranks") for e in ("md", "tex", "html", "csv")] + [
+        "fig2.png", "fig2.pdf", "cd.png", "cd.pdf", "report.html"
     ]
     assert all(p.parent == tmp_path / "out" for p in paths)
     for needle in ("skipping selection: selection_table: no validation runs",

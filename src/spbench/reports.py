@@ -89,6 +89,10 @@ __all__ = [
     "render_table3",
     "render_selection",
     "render_paired",
+    "rank_statistics",
+    "rank_table",
+    "render_ranks",
+    "cd_diagram",
     "render_overhead",
     "render_table2_markdown",
     "render_table3_markdown",
@@ -895,6 +899,127 @@ def render_selection(selection: pd.DataFrame, fmt: str = "markdown") -> str:
     return _render(table, fmt)
 
 
+def rank_statistics(runs: pd.DataFrame, *, baseline: str = "l2", confidence: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every method across all tasks (each (source, target) pair of Table 2), beside the per-task
+    tables: ``(ranks, nemenyi)``.
+
+    The cells are Table 2's (reported test runs, freeze 0, selected settings): a method's score
+    on a task is its mean test accuracy over replicates. Per task the methods are ranked (1 =
+    best, ties share the mean rank); only methods with a cell on every task take part. ``ranks``
+    has one row per method, best mean rank first: ``tasks``, ``mean_rank``, and ``p_beats``, the
+    probability that a random replicate of the method beats a random replicate of ``baseline`` on
+    a random task (per task the Mann-Whitney U statistic over n·m, ties counting one half,
+    then the mean over tasks), with a ``confidence`` percentile bootstrap interval over tasks
+    (``p_low``, ``p_high``; ``resamples`` resamples, seeded; NaN for the baseline itself or
+    without one). ``ranks.attrs`` holds the Friedman test over the tasks
+    (``friedman_statistic``, ``friedman_p``, scipy.stats.friedmanchisquare); ``nemenyi`` the
+    Nemenyi post-hoc p-values between methods (scikit-posthocs' posthoc_nemenyi_friedman).
+    Raises :class:`InsufficientDataError` with fewer than two tasks or three methods.
+    """
+    import scikit_posthocs
+    from scipy import stats
+
+    _check_runs(runs, _required("test_accuracy"), "rank_statistics")
+    runs = _slim(runs, "test_accuracy")
+    test = _reported(_test_runs(runs, "rank_statistics"), _selected_or_none(runs), "rank_statistics")
+    labels = method_columns(test)
+    test = test.assign(task=test["source"] + " → " + test["target"],
+                       entrant=[labels[(m, t)] for m, t in test[SETTING].itertuples(index=False)],
+                       accuracy=test["test_accuracy"].astype(float) * 100.0)
+    cells = test.groupby(["task", "entrant"], sort=False)["accuracy"].mean().unstack("entrant")
+    complete = cells.dropna(axis=1)
+    if len(complete.columns) < len(cells.columns):
+        logger.warning("rank_statistics: %s lack a cell on some task and are left out",
+                       sorted(set(cells.columns) - set(complete.columns)))
+    if len(complete) < 2 or len(complete.columns) < 3:
+        raise InsufficientDataError(f"rank_statistics needs two tasks and three methods with a cell on each, "
+                                    f"got {len(complete)} tasks and {len(complete.columns)} methods")
+    order = [e for e in dict.fromkeys(labels.values()) if e in complete.columns]
+    complete = complete[order]
+    ranks = complete.rank(axis=1, ascending=False, method="average")
+    friedman = stats.friedmanchisquare(*[complete[e].to_numpy() for e in order])
+    nemenyi = scikit_posthocs.posthoc_nemenyi_friedman(complete.to_numpy())
+    nemenyi.index = nemenyi.columns = order
+    base = next((e for e in order if labels_method(e) == baseline), None)
+    rows = []
+    for entrant in order:
+        p = low = high = math.nan
+        if base is not None and entrant != base:
+            per_task = []
+            for task in complete.index:
+                x = test.loc[(test["task"] == task) & (test["entrant"] == entrant), "accuracy"].to_numpy()
+                y = test.loc[(test["task"] == task) & (test["entrant"] == base), "accuracy"].to_numpy()
+                per_task.append(stats.mannwhitneyu(x, y, alternative="two-sided").statistic / (len(x) * len(y)))
+            per_task = np.asarray(per_task)
+            p = float(per_task.mean())
+            if np.ptp(per_task) == 0:  # every task alike: no spread to resample
+                low = high = p
+            else:
+                boot = stats.bootstrap((per_task,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                                       method="percentile", rng=np.random.default_rng(seed))
+                low, high = float(boot.confidence_interval.low), float(boot.confidence_interval.high)
+        rows.append({"method": entrant, "tasks": len(complete), "mean_rank": float(ranks[entrant].mean()),
+                     "p_beats": p, "p_low": low, "p_high": high})
+    out = pd.DataFrame(rows)
+    out = out.assign(_k=range(len(out))).sort_values(["mean_rank", "_k"], kind="stable").drop(columns="_k")
+    out = out.reset_index(drop=True)
+    out.attrs.update(friedman_statistic=float(friedman.statistic), friedman_p=float(friedman.pvalue),
+                     baseline=base or "", confidence=confidence)
+    return out, nemenyi
+
+
+def labels_method(label: str) -> str:
+    """The method of a Table 2 column label (``l2_sp`` or ``l2_sp (α=0.1, β=0.01)``)."""
+    return label.split(" ", 1)[0]
+
+
+def rank_table(runs: pd.DataFrame, **kwargs) -> pd.DataFrame:
+    """The ranks of :func:`rank_statistics` (its Friedman test in ``attrs``)."""
+    return rank_statistics(runs, **kwargs)[0]
+
+
+def render_ranks(ranks: pd.DataFrame, fmt: str = "markdown") -> str:
+    """The ranks across tasks (:func:`rank_table`) as ``fmt``, with the Friedman test in the caption."""
+    _check_runs(ranks, ["method", "tasks", "mean_rank", "p_beats", "p_low", "p_high"], "render_ranks")
+    a = ranks.attrs
+    level = round(100 * a.get("confidence", 0.95))
+    base = a.get("baseline") or "l2"
+    caption = (
+        f"Every method across the {int(ranks['tasks'].iloc[0])} (source, target) tasks of Table 2 (its cells: mean "
+        "test accuracy over replicates at the selected setting): the mean rank over tasks (1 = best; ties share "
+        f"the mean rank), and P(beats {base}), the probability that a random replicate of the method beats one of "
+        f"{base} on a random task (Mann-Whitney U / (n·m) per task, averaged), with a {level} % percentile bootstrap "
+        f"interval over tasks. Friedman test over the tasks: χ² = {a.get('friedman_statistic', math.nan):.2f}, "
+        f"p = {a.get('friedman_p', math.nan):.3g}; the critical-difference diagram (cd) shows the Nemenyi "
+        "post-hoc test. With few tasks the intervals are wide and the test has little power."
+    )
+    header = ["method", "tasks", "mean rank", f"P(beats {base})", f"{level} % interval"]
+    table = _Display("ranks", "Ranks across tasks.", caption, header, ["l", "r", "r", "r", "r"])
+    for r in ranks.itertuples(index=False):
+        p = "n/a" if math.isnan(r.p_beats) else f"{r.p_beats:.2f}"
+        ci = "n/a" if math.isnan(r.p_low) else f"[{r.p_low:.2f}, {r.p_high:.2f}]"
+        table.add([r.method, str(int(r.tasks)), f"{r.mean_rank:.2f}", p, ci])
+    return _render(table, fmt)
+
+
+def cd_diagram(runs: pd.DataFrame, **kwargs):
+    """The critical-difference diagram of :func:`rank_statistics`: each method at its mean rank,
+    bars joining methods the Nemenyi test does not tell apart (p ≥ 0.05); drawn by
+    scikit-posthocs. Returns a :class:`matplotlib.figure.Figure` not managed by pyplot."""
+    import scikit_posthocs
+    from matplotlib.figure import Figure
+
+    ranks, nemenyi = rank_statistics(runs, **kwargs)
+    fig = Figure(figsize=(7.0, 0.9 + 0.28 * len(ranks)))
+    ax = fig.add_subplot()
+    scikit_posthocs.critical_difference_diagram(ranks.set_index("method")["mean_rank"], nemenyi, ax=ax)
+    ax.set_title(f"mean rank over {int(ranks['tasks'].iloc[0])} tasks; Friedman p = {ranks.attrs['friedman_p']:.3g}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def render_paired(paired: pd.DataFrame, fmt: str = "markdown") -> str:
     """The paired differences (:func:`paired_differences`) as ``fmt``: one row per setting with
     its baseline, n, mean difference ± sd and the 95 % confidence interval."""
@@ -1270,6 +1395,7 @@ def write_reports(
         ("table3", lambda: table3(runs), render_table3),
         ("selection", lambda: selection_table(runs), render_selection),
         ("paired", lambda: paired_differences(runs), render_paired),
+        ("ranks", lambda: rank_table(runs), render_ranks),
     ]:
         frame = attempt(name, build)
         if frame is not None and not frame.empty:
@@ -1284,6 +1410,7 @@ def write_reports(
         ("fig1", lambda: fig1(runs, fig1_method, target=fig1_target)),
         ("fig2", lambda: fig2(runs)),
         ("fig3", lambda: fig3(runs, fig3_methods)),
+        ("cd", lambda: cd_diagram(runs)),
     ]:
         figure = attempt(name, build)
         if figure is not None:
@@ -1329,6 +1456,8 @@ FIGURE_CAPTIONS: dict[str, str] = {
             "with nothing frozen.",
     "fig4": "Fig. 4. Per layer, the R² of each unit's fine-tuned activation regressed on its pretrained "
             "activation (target test images), one box per method.",
+    "cd": "Critical differences. Each method at its mean rank over the tasks of Table 2 (1 = best); a bar "
+          "joins methods the Nemenyi post-hoc test of the Friedman test does not tell apart (p ≥ 0.05).",
 }
 
 
