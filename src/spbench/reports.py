@@ -1493,7 +1493,9 @@ def summary(runs: pd.DataFrame, reports_dir: str | os.PathLike, *, tracking_uri:
     out = Path(reports_dir)
     lines = ["spbench: finished.", f"  Table 2 (target test accuracy):  {out / 'table2.md'}  (also .tex, .html, .csv)",
              f"  Table 3 (source accuracy drop):  {out / 'table3.md'}"]
-    figures = sorted(out.glob("fig*.png"))
+    figures = sorted(out.glob("fig*.png")) + sorted(out.glob("cd.png"))
+    if (out / "ranks.md").exists():
+        lines.append(f"  Ranks across tasks:              {out / 'ranks.md'}")
     if figures:
         lines.append(f"  Figures: {', '.join(str(f) for f in figures)}")
     try:
