@@ -89,6 +89,10 @@ def write_config(workdir: Path, uri: str, experiment: str, small: bool = False) 
     if small:
         config["grid"]["replicates"] = 1
         config["grid"]["methods"] = {"none": {}, "l2_sp": {"alpha": [0.1], "beta": [0.01]}}
+    else:
+        # long enough that every run trains for over a second, also the later runs of a run
+        # group (which skip the process's start-up costs)
+        config["finetune"]["steps"] = 400
     path = workdir / "server.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -212,9 +216,14 @@ def test_ui_shows_the_experiment_and_its_runs(server, parallel_workflow, tmp_pat
     names = [run_name(read_record(parallel_workflow / "results" / "runs" / key / "record.json")) for key in runs["run_key"]]
     missing = [name for name in names if name not in page]
     assert not missing, f"runs not in the rendered page: {missing}"
-    # durations are the training's (above a second), not the logging's (tens of ms)
-    shown = [float(v) for v in re.findall(r">(\d+(?:\.\d+)?)s<", page)]
-    assert len(shown) >= len(names) and min(shown) > 1.0, shown
+    # durations are the training's (above a second, as the records say), not the logging's
+    # (tens of ms); MLflow writes them as 980ms, 1.3s or 1.2min
+    unit = {"ms": 1e-3, "s": 1.0, "min": 60.0}
+    shown = sorted(float(v) * unit[u] for v, u in re.findall(r">(\d+(?:\.\d+)?)(ms|s|min)<", page))
+    trained = sorted(read_record(parallel_workflow / "results" / "runs" / key / "record.json")["wall_seconds"]
+                     for key in runs["run_key"])
+    assert len(shown) == len(names) and min(shown) > 1.0, shown
+    assert shown == pytest.approx(trained, rel=0.05, abs=0.06), (shown, trained)
     # the target task is the runs' input dataset
     assert "digits-mod3-k5" in re.sub(r"<[^>]+>", " ", page.split("Dataset", 1)[-1])
     with tempfile.TemporaryDirectory() as profile:
