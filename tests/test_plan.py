@@ -118,3 +118,10 @@ def test_fisher_jobs_follow_the_methods_needs():
     assert p["finetune_runs"] == 4 * 2
     config["grid"]["methods"]["l2_sp_fisher"] = {"alpha": [0.01]}
     assert plan(config)["jobs"]["estimate_fisher"] == 1
+
+
+def test_plan_command_defaults_to_config_yaml():
+    """Without a config argument the plan prices ./config.yaml (the demo, from the checkout root)."""
+    proc = subprocess.run([sys.executable, "-m", "spbench.plan"], cwd=REPO, capture_output=True, text=True,
+                          check=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
+    assert "finetune             67 jobs (217 runs, by run group)" in proc.stdout

@@ -149,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     from .results import read_record
 
     parser = argparse.ArgumentParser(prog="python -m spbench.plan", description="Job count and device-hours of a grid.")
-    parser.add_argument("config", type=Path, nargs="+", default=[Path("config.yaml")],
-                        help="the config (several: merged in order, as snakemake --configfile merges them)")
+    parser.add_argument("config", type=Path, nargs="*",
+                        help="the config, default config.yaml (several: merged in order, as snakemake "
+                             "--configfile merges them)")
     parser.add_argument("--throughput", type=Path, action="append", default=[],
                         help="a benchmarks/train_throughput.py --json output (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
-    config = load_config(*args.config)
+    config = load_config(*(args.config or [Path("config.yaml")]))
     records = [read_record(p) for p in Path(config["results"], "runs").rglob("record.json")]
     benchmarks = []
     for path in args.throughput:
