@@ -10,13 +10,12 @@ GROUP_PATTERN = RunSpec.GROUP_PATTERN.removeprefix("{experiment}/")
 
 
 def group_specs(experiment, wildcards):
+    """The group's runs; WorkflowError for a setting that is not canonical (parse_setting) or
+    not the method's (resolve_hparams), which every run of the group shares."""
     try:
         members = group_members(config, experiment, wildcards.source, wildcards.target, wildcards.method,
                                 parse_setting(wildcards.setting), int(wildcards.freeze))
-        for spec in members:
-            if spec.setting_text != wildcards.setting:
-                raise ValueError(f"setting {wildcards.setting!r} is not canonical ({spec.setting_text!r})")
-            method_class(spec.method).resolve_hparams(spec.hparams)
+        method_class(wildcards.method).resolve_hparams(members[0].hparams)
     except ValueError as err:
         raise WorkflowError(f"bad run path: {err}") from None
     return members

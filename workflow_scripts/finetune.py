@@ -16,9 +16,8 @@ tracking = snakemake.config["tracking"]
 
 
 def track(spec, record, curve):
-    if tracking["log_from"] == "jobs":  # else rule log_runs logs every run once the records are in
-        log_run(tracking["uri"], tracking["experiment"], record, run_config(snakemake.config, spec), curve,
-                timeout_s=tracking["timeout_s"])
+    log_run(tracking["uri"], tracking["experiment"], record, run_config(snakemake.config, spec), curve,
+            timeout_s=tracking["timeout_s"])
 
 
 finetune_group(
@@ -28,7 +27,8 @@ finetune_group(
     model_outs=list(snakemake.output.models),
     checkpoint_paths=list(snakemake.params.checkpoints),
     log_paths=list(snakemake.log),
-    on_record=track,
+    # with tracking.log_from: end, rule log_runs logs every run once the records are in
+    on_record=track if tracking["log_from"] == "jobs" else None,
     source_model=snakemake.input.model,
     source_info=snakemake.input.info,
     target_dir=Path(snakemake.input.target).parent,

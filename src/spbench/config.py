@@ -283,6 +283,11 @@ class RunSpec:
                 "replicate": str(self.replicate)}
 
     @property
+    def group(self) -> str:
+        """The run's group (:attr:`GROUP_PATTERN`): the runs one job trains."""
+        return self.GROUP_PATTERN.format(**self.wildcards)
+
+    @property
     def key(self) -> str:
         """Relative path of the run's folder; also its MLflow run's key."""
         return self.PATTERN.format(**self.wildcards)

@@ -100,10 +100,10 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
             estimates.append({"device": device, "precision": prec, "hours": hours,
                               "total": None if missing else sum(hours.values()), "missing_archs": sorted(missing),
                               "rates": {a: {"images_per_second": r, "n": n, "from": w} for a, (r, n, w) in rates.items()}})
-    groups = {(r.experiment, r.source, r.target, r.method, r.setting_text, r.freeze) for r in runs}
     out: dict[str, Any] = {
         # a fine-tune job trains one run group (spbench.config.run_groups)
-        "jobs": {"prepare_task": len(tasks), "source": len(sources), "estimate_fisher": len(fisher), "finetune": len(groups)},
+        "jobs": {"prepare_task": len(tasks), "source": len(sources), "estimate_fisher": len(fisher),
+                 "finetune": len({r.group for r in runs})},
         "finetune_runs": len(runs),
         "parts": {name: {"runs": p["runs"], "images": p["images"], "by_arch": dict(p["by_arch"])} for name, p in parts.items()},
         "halving": config.get("selection", {}).get("halving"),
