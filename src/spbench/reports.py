@@ -941,7 +941,7 @@ def rank_statistics(runs: pd.DataFrame, *, baseline: str = "l2", confidence: flo
     friedman = stats.friedmanchisquare(*[complete[e].to_numpy() for e in order])
     nemenyi = scikit_posthocs.posthoc_nemenyi_friedman(complete.to_numpy())
     nemenyi.index = nemenyi.columns = order
-    base = next((e for e in order if labels_method(e) == baseline), None)
+    base = next((label for (method, _), label in labels.items() if method == baseline and label in order), None)
     rows = []
     for entrant in order:
         p = low = high = math.nan
@@ -967,11 +967,6 @@ def rank_statistics(runs: pd.DataFrame, *, baseline: str = "l2", confidence: flo
     out.attrs.update(friedman_statistic=float(friedman.statistic), friedman_p=float(friedman.pvalue),
                      baseline=base or "", confidence=confidence)
     return out, nemenyi
-
-
-def labels_method(label: str) -> str:
-    """The method of a Table 2 column label (``l2_sp`` or ``l2_sp (α=0.1, β=0.01)``)."""
-    return label.split(" ", 1)[0]
 
 
 def rank_table(runs: pd.DataFrame, **kwargs) -> pd.DataFrame:
@@ -1004,13 +999,18 @@ def render_ranks(ranks: pd.DataFrame, fmt: str = "markdown") -> str:
 
 
 def cd_diagram(runs: pd.DataFrame, **kwargs):
-    """The critical-difference diagram of :func:`rank_statistics`: each method at its mean rank,
-    bars joining methods the Nemenyi test does not tell apart (p ≥ 0.05); drawn by
-    scikit-posthocs. Returns a :class:`matplotlib.figure.Figure` not managed by pyplot."""
+    """The critical-difference diagram of :func:`rank_statistics` (``kwargs`` go to it): each
+    method at its mean rank, bars joining methods the Nemenyi test does not tell apart
+    (p ≥ 0.05); drawn by scikit-posthocs. Returns a :class:`matplotlib.figure.Figure` not
+    managed by pyplot."""
+    return _cd_figure(*rank_statistics(runs, **kwargs))
+
+
+def _cd_figure(ranks: pd.DataFrame, nemenyi: pd.DataFrame):
+    """:func:`cd_diagram` of statistics already computed."""
     import scikit_posthocs
     from matplotlib.figure import Figure
 
-    ranks, nemenyi = rank_statistics(runs, **kwargs)
     fig = Figure(figsize=(7.0, 0.9 + 0.28 * len(ranks)))
     ax = fig.add_subplot()
     scikit_posthocs.critical_difference_diagram(ranks.set_index("method")["mean_rank"], nemenyi, ax=ax)
@@ -1395,13 +1395,15 @@ def write_reports(
         ("table3", lambda: table3(runs), render_table3),
         ("selection", lambda: selection_table(runs), render_selection),
         ("paired", lambda: paired_differences(runs), render_paired),
-        ("ranks", lambda: rank_table(runs), render_ranks),
     ]:
         frame = attempt(name, build)
         if frame is not None and not frame.empty:
             tables.append((name, frame, render))
         elif frame is not None:
             logger.warning("skipping %s: no rows", name)
+    ranked = attempt("ranks and cd", lambda: rank_statistics(runs))  # the table and the diagram share them
+    if ranked is not None:
+        tables.append(("ranks", ranked[0], render_ranks))
     if overhead is not None:
         tables.append(("overhead", overhead_table(overhead), render_overhead))
     else:
@@ -1410,11 +1412,12 @@ def write_reports(
         ("fig1", lambda: fig1(runs, fig1_method, target=fig1_target)),
         ("fig2", lambda: fig2(runs)),
         ("fig3", lambda: fig3(runs, fig3_methods)),
-        ("cd", lambda: cd_diagram(runs)),
     ]:
         figure = attempt(name, build)
         if figure is not None:
             figures.append((name, figure))
+    if ranked is not None:
+        figures.append(("cd", _cd_figure(*ranked)))
     if r2 is not None:
         figures.append(("fig4", fig4(r2)))
     else:
