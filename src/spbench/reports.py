@@ -1077,7 +1077,9 @@ def render_overhead(table_: pd.DataFrame, fmt: str = "markdown") -> str:
 
 
 def _figure_context():
-    """The paper-like style: white grid, readable fonts, for Figures built without pyplot."""
+    """The paper-like style: white grid, readable fonts, for Figures built without pyplot; and
+    numpy's global generator seeded (then restored), which seaborn draws its jitter from, so that
+    a figure is a function of its data alone."""
     import contextlib
 
     import seaborn as sns
@@ -1085,6 +1087,9 @@ def _figure_context():
     stack = contextlib.ExitStack()
     stack.enter_context(sns.axes_style("whitegrid"))
     stack.enter_context(sns.plotting_context("paper", font_scale=1.15))
+    state = np.random.get_state()
+    np.random.seed(0)
+    stack.callback(np.random.set_state, state)
     return stack
 
 
