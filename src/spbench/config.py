@@ -220,7 +220,7 @@ class RunSpec:
         "experiment": "|".join(("main", "select", "alpha_beta", "freeze")),
         "source": r"[A-Za-z0-9][A-Za-z0-9_-]*",
         "target": r"[A-Za-z0-9][A-Za-z0-9_-]*",
-        "method": r"[a-z0-9_]+",
+        "method": r"[a-z0-9_]+(\+[a-z0-9_]+)*",  # a registered method, or several composed
         "setting": r"[A-Za-z][A-Za-z0-9_]*=[^_/=]+(_[A-Za-z][A-Za-z0-9_]*=[^_/=]+)*",
         "freeze": r"\d+",
         "evaluation": r"test|val\d+",
@@ -577,6 +577,43 @@ def candidates(config: Mapping, method: str) -> list[Setting]:
     return [{**dict(zip(names, combo)), "lr": float(lr)} for combo in itertools.product(*values) for lr in lrs]
 
 
+def training_setting(method: str, setting: Mapping[str, float | int]) -> Setting:
+    """``setting`` without the method's ``post_hoc`` hyper-parameters (those read only after
+    training): what the training depends on."""
+    from .methods import post_hoc_names
+
+    drop = post_hoc_names(method)
+    return {k: v for k, v in setting.items() if k not in drop}
+
+
+def training_candidates(config: Mapping, method: str, settings=None) -> list[Setting]:
+    """The distinct trainings among ``settings`` (default: the grid's candidates): each one's
+    :func:`training_setting`, in first-seen order. Validation runs train these; each scores
+    every candidate that shares it (:func:`post_hoc_variants`)."""
+    out: list[Setting] = []
+    for setting in candidates(config, method) if settings is None else settings:
+        trained = training_setting(method, setting)
+        if trained not in out:
+            out.append(trained)
+    return out
+
+
+def post_hoc_variants(config: Mapping, spec: "RunSpec") -> list[Setting]:
+    """The settings a validation run scores after its one training, when its method has
+    ``post_hoc`` hyper-parameters and its setting leaves them out: every candidate of the grid
+    that shares the run's training (with the run's ``steps``, at a successive-halving rung).
+    Empty otherwise (the run scores its own setting only)."""
+    from .methods import post_hoc_names
+
+    names = post_hoc_names(spec.method)
+    own = dict(spec.setting)
+    if spec.fold is None or not names or any(n in own for n in names):
+        return []
+    steps = {"steps": own["steps"]} if "steps" in own else {}
+    base = {k: v for k, v in own.items() if k != "steps"}
+    return [{**c, **steps} for c in candidates(config, spec.method) if training_setting(spec.method, c) == base]
+
+
 def needs_selection(config: Mapping, method: str) -> bool:
     """Whether the method's setting is chosen on validation folds (several candidates)."""
     return "selection" in config and len(candidates(config, method)) > 1
@@ -635,7 +672,7 @@ def selection_runs(config: Mapping, survivors=None) -> list[RunSpec]:
                 if not needs_selection(config, method):
                     continue
                 for rung in range(len(budgets or [None])):
-                    settings = candidates(config, method) if rung == 0 else survivors(source, target, method, rung)
+                    settings = training_candidates(config, method) if rung == 0 else survivors(source, target, method, rung)
                     runs += rung_runs(config, source, target, method, rung, settings)
     return runs
 
@@ -647,7 +684,7 @@ def rung_runs(config: Mapping, source: str, target: str, method: str, rung: int,
     budgets = halving_budgets(config)
     last = budgets is None or rung == len(budgets) - 1
     runs = []
-    for setting in settings:
+    for setting in training_candidates(config, method, settings):  # one training serves its post-hoc values
         setting = dict(setting) if last else {**setting, "steps": budgets[rung]}
         for fold in range(sel["use_folds"]):
             for rep in range(sel["replicates"]):

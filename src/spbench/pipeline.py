@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .augment import load_task_views
-from .config import RunSpec, derive_seed, parse_setting
+from .config import TRAINING_KEYS, RunSpec, derive_seed, format_setting, parse_setting, post_hoc_variants
 from .data import fold_split, load_task, prepare_task
 from .datasets import RAW_INPUTS, convert_weights
 from .download import input_path
@@ -357,12 +357,34 @@ def finetune_run(
             clip_grad_norm=ft["clip_grad_norm"],
             progress=f"fine-tune {spec.method} {spec.target} {spec.evaluation} rep{spec.replicate}",
         )
-    test_acc = evaluate(model, x_eval.to(dev), y_eval.to(dev), ft["eval_batch_size"], precision)
     # Source-task retention (Table 3): the fine-tuned backbone under the original source head,
     # or under the method's own retention head (LwF and Co-Tuning train a copy of it).
     retention = method.retention_head()
     source_net = torch.nn.Sequential(model.backbone, retention if retention is not None else src_model.head)
-    source_acc = evaluate(source_net, source_x["test"].to(dev), source_y["test"].to(dev), ft["eval_batch_size"], precision)
+    x_eval, y_eval = x_eval.to(dev), y_eval.to(dev)
+
+    def finalized_scores() -> tuple[float, float]:
+        method.finalize_()  # e.g. WiSE-FT's interpolation, at the method's post-hoc values
+        return (evaluate(model, x_eval, y_eval, ft["eval_batch_size"], precision),
+                evaluate(source_net, source_x["test"].to(dev), source_y["test"].to(dev), ft["eval_batch_size"], precision))
+
+    # A validation run of a method with post-hoc hyper-parameters scores each listed value from
+    # its one training, the trained weights restored in between.
+    variants = []
+    post_hoc = post_hoc_variants(config, spec)
+    if post_hoc:
+        trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        own = dict(method.settings)
+        for setting in post_hoc:
+            method.settings.update({k: v for k, v in setting.items() if k in own})
+            variant_test, variant_source = finalized_scores()
+            model.load_state_dict(trained)
+            variants.append({"setting": format_setting(setting), "hparams_json": json.dumps(
+                {k: v for k, v in setting.items() if k not in TRAINING_KEYS}, sort_keys=True),
+                "test_accuracy": variant_test, "source_accuracy": variant_source,
+                "source_accuracy_drop": variant_source - info["test_accuracy"]})
+        method.settings.update(own)
+    test_acc, source_acc = finalized_scores()
     wall = time.perf_counter() - start
     describe = method.describe()
     hparams = spec.hparams
@@ -414,6 +436,8 @@ def finetune_run(
         # beyond the table: the curve, for the tracker and for plots; when it trained (the
         # tracker's run times) and on what (its input dataset)
         "train_loss": history.loss,
+        # the post-hoc values a validation run scored (each a row of the run table)
+        "variants": variants,
         "started_at": started_at,
         "ended_at": started_at + wall,
         "target_dataset": {

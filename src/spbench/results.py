@@ -177,8 +177,26 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def records_to_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per record, exactly the schema's columns; duplicate identities are refused."""
-    rows = [{f.name: r[f.name] for f in SCHEMA} for r in records]
+    """One row per record, exactly the schema's columns; duplicate identities are refused. A
+    record with ``variants`` (a validation run that scored several post-hoc values of its
+    method from one training, e.g. WiSE-FT's a) gives one row per variant instead: the
+    record's fields, with the variant's setting, hyper-parameters and accuracies, and the run
+    key that setting spells."""
+    import dataclasses
+
+    from .config import parse_setting
+
+    rows = []
+    for r in records:
+        row = {f.name: r[f.name] for f in SCHEMA}
+        variants = r.get("variants") or []
+        if not variants:
+            rows.append(row)
+        spec = RunSpec.from_key(r["run_key"]) if variants else None
+        for v in variants:
+            key = dataclasses.replace(spec, setting=parse_setting(v["setting"])).key
+            rows.append({**row, **{k: v[k] for k in ("setting", "hparams_json", "test_accuracy", "source_accuracy",
+                                                     "source_accuracy_drop")}, "run_key": key})
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     frame = table.to_pandas()
     dup = frame.duplicated(IDENTITY, keep=False)

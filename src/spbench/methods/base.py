@@ -12,7 +12,15 @@ this fixed order:
 3. ``loss(out)``: a loss term on those outputs, added to the cross-entropy;
 4. backward, unscale (mixed precision), then ``add_grad_()``: a gradient term added in place
    (the parameter penalties), then clipping and the optimizer step;
-5. ``prox_(lr)``: a proximal step after the optimizer step.
+5. ``prox_(lr)``: a proximal step after the optimizer step;
+
+and, once training is over, ``finalize_()``: a change of the trained weights before they are
+evaluated (WiSE-FT's interpolation). A hyper-parameter that only ``finalize_`` reads is
+declared ``post_hoc``: runs that differ only in it share one training (a validation run
+trains once and scores every listed value; :func:`spbench.pipeline.finetune_run`).
+
+Methods compose: ``"lp_ft+l2_sp"`` names the method whose hooks are those of ``lp_ft`` then
+those of ``l2_sp`` (:func:`method_class`), with the union of their hyper-parameters.
 
 ``retention_head()`` names the head that Table 3 puts on the fine-tuned backbone to score
 the source task (by default the original source head).
@@ -55,6 +63,8 @@ __all__ = [
     "full_precision",
     "frozen_copy",
     "record_outputs",
+    "compose",
+    "post_hoc_names",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,6 +83,9 @@ class HParam:
     low: float = 0.0
     high: float = math.inf
     doc: str = ""
+    #: Read only after training (by :meth:`Method.finalize_`): runs that differ only in it
+    #: share one training.
+    post_hoc: bool = False
 
     def __post_init__(self):
         if self.kind not in (float, int):
@@ -219,6 +232,12 @@ class Method(nn.Module):
     def prox_(self, lr: float) -> None:
         """A proximal step on the parameters after the optimizer step at learning rate ``lr``."""
 
+    @torch.no_grad()
+    def finalize_(self) -> None:
+        """After the last step, before evaluation: change the trained weights in place (reading
+        only the ``post_hoc`` hyper-parameters; :func:`spbench.pipeline.finetune_run` restores
+        the trained weights between the values it scores)."""
+
     def retention_head(self) -> nn.Module | None:
         """The head Table 3 scores the source task with (None: the original source head)."""
         return None
@@ -340,13 +359,123 @@ def load_plugins() -> list[str]:
 
 
 def method_class(name: str) -> type[Method]:
-    """The registered method ``name`` (plugins included); ValueError naming the known ones."""
+    """The registered method ``name`` (plugins included), or the composition of registered
+    methods that ``a+b+…`` names (:func:`compose`); ValueError naming the known ones."""
+    if "+" in name:
+        return compose(*name.split("+"))
     if name not in METHODS:
         load_plugins()
     try:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r} (known: {sorted(METHODS)})") from None
+
+
+def post_hoc_names(name: str) -> tuple[str, ...]:
+    """The ``post_hoc`` hyper-parameters of method ``name``."""
+    return tuple(h.name for h in method_class(name).hparams if h.post_hoc)
+
+
+_COMPOSITES: dict[tuple[str, ...], type[Method]] = {}
+
+
+def compose(*names: str) -> type[Method]:
+    """The method whose hooks are those of the registered methods ``names``, in that order:
+    ``setup``, ``loss`` (the terms added), ``add_grad_``, ``prox_`` and ``finalize_`` of each
+    part in turn; the retention head of the first part that has one. Its name is the parts'
+    joined by ``+`` (``lp_ft+l2_sp``), its hyper-parameters the union of theirs (two parts
+    sharing a name are refused: a setting must say whose it is), its needs the union of
+    theirs. At most one part may use the frozen teacher's forward pass (its taps)."""
+    key = tuple(names)
+    if key in _COMPOSITES:
+        return _COMPOSITES[key]
+    if len(names) < 2 or any("+" in n or not n for n in names):
+        raise ValueError(f"a composed method names two or more methods joined by '+', not {'+'.join(names)!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"method {'+'.join(names)!r} names a part twice")
+    parts = [method_class(n) for n in names]
+    seen: dict[str, str] = {}
+    for cls in parts:
+        for h in cls.hparams:
+            if h.name in seen:
+                raise ValueError(f"method {'+'.join(names)!r}: {seen[h.name]!r} and {cls.name!r} both have the "
+                                 f"hyper-parameter {h.name!r}")
+            seen[h.name] = cls.name
+    teachers = [cls.name for cls in parts if cls.needs.teacher or cls.needs.taps]
+    if len(teachers) > 1:
+        raise ValueError(f"method {'+'.join(names)!r}: {teachers} all read the teacher's forward pass; "
+                         "at most one part may")
+    needs = Needs(**{f: any(getattr(cls.needs, f) for cls in parts) for f in Needs.__dataclass_fields__})
+    cls = type(f"Composed_{'_'.join(names)}", (Composite,), {
+        "name": "+".join(names),
+        "part_classes": tuple(parts),
+        "hparams": tuple(h for part in parts for h in part.hparams),
+        "needs": needs,
+        "__doc__": f"{' then '.join(names)}, composed (:func:`compose`).",
+        "__module__": __name__,
+    })
+    _COMPOSITES[key] = cls
+    return cls
+
+
+class Composite(Method):
+    """Several methods' hooks in turn (:func:`compose` builds the subclasses)."""
+
+    part_classes: ClassVar[tuple[type[Method], ...]] = ()
+
+    def __init__(self, context: MethodContext, **hparams: Any):
+        nn.Module.__init__(self)  # the parts own their state (a teacher among it): not Method.__init__
+        self.settings = self.resolve_hparams(hparams)
+        self._model = [context.model]
+        self._inherited = list(context.inherited.values())
+        self._head = list(context.head.values())
+        self.parts = nn.ModuleList(
+            [cls(context, **{h.name: self.settings[h.name] for h in cls.hparams}) for cls in self.part_classes])
+        self.taps = tuple(dict.fromkeys(t for part in self.parts for t in part.taps))
+
+    def _sync(self) -> None:
+        """The parts read their hyper-parameters from their own settings: pass them on (a
+        post-hoc value may have been changed on the composite)."""
+        for part in self.parts:
+            part.settings.update({n: self.settings[n] for n in part.settings})
+
+    def teacher_forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        part = next(p for p in self.parts if p.needs.teacher)
+        return part.teacher_forward(x)
+
+    def setup(self, data: SetupData) -> None:
+        for part in self.parts:
+            if part.needs.setup:
+                part.setup(data)
+
+    def loss(self, out: Forward) -> Tensor | None:
+        terms = [t for t in (part.loss(out) for part in self.parts) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    @torch.no_grad()
+    def add_grad_(self) -> None:
+        for part in self.parts:
+            part.add_grad_()
+
+    @torch.no_grad()
+    def prox_(self, lr: float) -> None:
+        for part in self.parts:
+            part.prox_(lr)
+
+    @torch.no_grad()
+    def finalize_(self) -> None:
+        self._sync()
+        for part in self.parts:
+            part.finalize_()
+
+    def retention_head(self) -> nn.Module | None:
+        return next((h for h in (part.retention_head() for part in self.parts) if h is not None), None)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part in self.parts:
+            out.update(part.describe())
+        return {**out, **super().describe()}
 
 
 def make_method(name: str, context: MethodContext, **hparams: Any) -> Method:
