@@ -21,6 +21,25 @@ Splits (SPEC §5):
 - ``places365_val`` / ``imagenet_val`` (source tasks): the validation set, split seeded per
   class into ``fisher_per_class`` images labelled ``train`` (the Fisher estimate's inputs) and
   the rest labelled ``test`` (source accuracy), so the two never share an image.
+- ``cub200``: the official ``train_test_split.txt`` (5,994 train / 5,794 test, 200 species).
+- ``stanford_cars``: the official ``cars_train_annos.mat`` / ``cars_test_annos_withlabels.mat``
+  (8,144 / 8,041, 196 models).
+- ``fgvc_aircraft``: the official ``trainval`` lists as the training set (6,667) and ``test``
+  (3,333), at the ``variant`` (100 classes), ``family`` or ``manufacturer`` level.
+- ``oxford_pets``: the official ``trainval.txt`` as the training set (3,680) and ``test.txt``
+  (3,669), 37 breeds.
+- ``flowers102``: the official ``setid.mat``: ``trnid`` + ``valid`` as the training set (2,040)
+  and ``tstid`` the test set (6,149).
+- ``dtd``: official partition ``k`` of 10: ``train<k>.txt`` + ``val<k>.txt`` as the training set
+  (3,760) and ``test<k>.txt`` (1,880), 47 textures.
+
+Label rates (the six fine-grained builders above; TLlib's 15 / 30 / 50 / 100 % protocol):
+``label_rate`` percent of each class's training images are kept, the rest left out of the task;
+the test set is untouched. Per class ``c`` with ``n_c`` training images (in the builder's order),
+a permutation drawn from ``[label_seed, c]``; its first ``max(1, round(n_c * label_rate / 100))``
+images are kept (Python's ``round``: halves go to the even neighbour). So with the same seed the
+15 % images are among the 30 %, those among the 50 %, and 100 % is the whole official training
+set. ``label_rate`` and ``label_seed`` are recorded in meta.json.
 """
 
 from __future__ import annotations
@@ -30,7 +49,7 @@ import logging
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +65,12 @@ __all__ = [
     "caltech256",
     "mit_indoor67",
     "stanford_dogs",
+    "cub200",
+    "stanford_cars",
+    "fgvc_aircraft",
+    "oxford_pets",
+    "flowers102",
+    "dtd",
     "places365_val",
     "imagenet_val",
     "RAW_INPUTS",
@@ -214,19 +239,28 @@ def _read_list(path: Path) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _subfolder(root: Path, name: str) -> Path:
+    """``root / name`` where the extracted archive holds that folder, else ``root`` (the folder
+    itself was given)."""
+    return root / name if (root / name).is_dir() else root
+
+
+def _require_files(top: Path, files: Sequence[str]) -> None:
+    missing = [f for f in files if not (top / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} listed images missing under {top}, e.g. {missing[0]}")
+
+
 @register_task_builder
 def mit_indoor67(*, images: str, train_list: str, test_list: str, size: int = 256, workers: int = 1) -> FileListTask:
     """MIT Indoors 67 with its official split: ``images`` is the extracted ``indoorCVPR_09.tar``
     (``Images/<class>/<file>``); the lists name files as ``<class>/<file>``."""
-    root = Path(images)
-    top = root / "Images" if (root / "Images").is_dir() else root
+    top = _subfolder(Path(images), "Images")
     train, test = _read_list(Path(train_list)), _read_list(Path(test_list))
     classes = sorted({f.split("/", 1)[0] for f in train + test})
     index = {c: i for i, c in enumerate(classes)}
     files = train + test
-    missing = [f for f in files if not (top / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} listed images missing under {top}, e.g. {missing[0]}")
+    _require_files(top, files)
     return FileListTask(
         root=top,
         files=files,
@@ -273,6 +307,297 @@ def stanford_dogs(*, images: str, lists: str, size: int = 256, workers: int = 1)
         extra={"builder": "stanford_dogs", "size": size, "split": "official train_list.mat / test_list.mat",
                "wnids": [f.split("-", 1)[0] for f in folders]},
     )
+
+
+# -- fine-grained targets, with label rates -------------------------------------------------------
+
+
+def _with_label_rate(task: FileListTask, label_rate: int, label_seed: int) -> FileListTask:
+    """The task with ``label_rate`` percent of each class's training images (module docstring:
+    per class ``c``, the first ``max(1, round(n_c * label_rate / 100))`` of a permutation drawn
+    from ``[label_seed, c]``); every test image kept, file order kept."""
+    if isinstance(label_rate, bool) or not isinstance(label_rate, int) or not 0 < label_rate <= 100:
+        raise ValueError(f"label_rate is a percentage in (0, 100], not {label_rate!r}")
+    train = np.flatnonzero(task.split == "train")
+    y = task.labels[train]
+    keep_n = {int(c): max(1, round(int(np.sum(y == c)) * label_rate / 100)) for c in np.unique(y)}
+    kept, _ = _seeded_split(y, keep_n, None, [label_seed])
+    keep = np.sort(np.concatenate([train[kept], np.flatnonzero(task.split != "train")]))
+    return replace(task, files=[task.files[i] for i in keep], labels=task.labels[keep], split=task.split[keep],
+                   extra={**task.extra, "label_rate": label_rate, "label_seed": label_seed})
+
+
+def _id_table(path: Path) -> dict[int, str]:
+    """``<id> <value>`` lines (CUB's list files) -> {id: value}."""
+    return {int(i): v for i, v in (line.split(maxsplit=1) for line in _read_list(path))}
+
+
+@register_task_builder
+def cub200(
+    *, images: str, label_rate: int = 100, label_seed: int = 0, size: int = 256, workers: int = 1
+) -> FileListTask:
+    """CUB-200-2011 with its official split (5,994 train / 5,794 test, 200 species): ``images``
+    is the extracted ``CUB_200_2011.tgz`` (``CUB_200_2011/images/<NNN.Name>/<file>.jpg``;
+    ``images.txt``: ``<id> <NNN.Name>/<file>.jpg``, ``image_class_labels.txt``: ``<id> <class
+    1..200>``, ``train_test_split.txt``: ``<id> <1 train, 0 test>``, ``classes.txt``: ``<class>
+    <NNN.Name>``). Images by id; label rates: module docstring."""
+    top = _subfolder(Path(images), "CUB_200_2011")
+    paths, labels, is_train = (_id_table(top / n) for n in ("images.txt", "image_class_labels.txt",
+                                                             "train_test_split.txt"))
+    classes = _id_table(top / "classes.txt")
+    if not (paths.keys() == labels.keys() == is_train.keys()):
+        raise ValueError(f"{top}: images.txt, image_class_labels.txt and train_test_split.txt list different ids")
+    if sorted(classes) != list(range(1, len(classes) + 1)):
+        raise ValueError(f"{top / 'classes.txt'}: class ids are not 1..{len(classes)}")
+    ids = sorted(paths)
+    files = [paths[i] for i in ids]
+    label = np.array([int(labels[i]) - 1 for i in ids])
+    folders = [classes[k] for k in sorted(classes)]
+    if any(f.split("/", 1)[0] != folders[y] for f, y in zip(files, label) if 0 <= y < len(folders)):
+        raise ValueError("image_class_labels.txt disagrees with the species folders of images.txt")
+    _require_files(top / "images", files)
+    task = FileListTask(
+        root=top / "images",
+        files=files,
+        labels=label,
+        split=np.array(["train" if is_train[i].strip() == "1" else "test" for i in ids]),
+        classes=[f.split(".", 1)[1] if "." in f else f for f in folders],
+        size=size,
+        workers=workers,
+        extra={"builder": "cub200", "size": size, "split": "official train_test_split.txt"},
+    )
+    return _with_label_rate(task, label_rate, label_seed)
+
+
+def _cars_annotations(path: Path) -> tuple[list[str], list[int]]:
+    """A Stanford Cars annotation file: struct array ``annotations`` (``bbox_x1`` … ``bbox_y2``,
+    1-based ``class``, ``fname``) -> file names and 0-based labels."""
+    from scipy.io import loadmat
+
+    rows = np.atleast_1d(loadmat(path, squeeze_me=True)["annotations"])
+    return [str(r["fname"]) for r in rows], [int(r["class"]) - 1 for r in rows]
+
+
+@register_task_builder
+def stanford_cars(
+    *,
+    train_images: str,
+    test_images: str,
+    devkit: str,
+    test_annos: str,
+    label_rate: int = 100,
+    label_seed: int = 0,
+    size: int = 256,
+    workers: int = 1,
+) -> FileListTask:
+    """Stanford Cars (196 models, 8,144 train / 8,041 test) with its official split, the
+    original release as torchvision's ``StanfordCars`` reads it: ``train_images`` and
+    ``test_images`` are the extracted ``cars_train.tgz`` / ``cars_test.tgz``
+    (``cars_train/<NNNNN>.jpg``, ``cars_test/<NNNNN>.jpg``), ``devkit`` the extracted
+    ``car_devkit.tgz`` (``devkit/cars_meta.mat``: ``class_names``; ``devkit/cars_train_annos.mat``:
+    struct array ``annotations`` with ``fname``, 1-based ``class`` and ``bbox_*``), ``test_annos``
+    the file ``cars_test_annos_withlabels.mat`` (the same struct for the test images; the
+    devkit's ``cars_test_annos.mat`` has no labels). Whole images: the boxes are not used. Files
+    are named relative to the two image folders' common parent; label rates: module docstring."""
+    from scipy.io import loadmat
+
+    kit = _subfolder(Path(devkit), "devkit")
+    classes = [str(c) for c in np.atleast_1d(loadmat(kit / "cars_meta.mat", squeeze_me=True)["class_names"])]
+    folders = {"train": _subfolder(Path(train_images), "cars_train"),
+               "test": _subfolder(Path(test_images), "cars_test")}
+    annos = {"train": kit / "cars_train_annos.mat", "test": Path(test_annos)}
+    root = Path(os.path.commonpath([folders["train"].resolve(), folders["test"].resolve()]))
+    files, labels, split = [], [], []
+    for name in ("train", "test"):
+        names, ys = _cars_annotations(annos[name])
+        prefix = folders[name].resolve().relative_to(root)
+        files += [(prefix / f).as_posix() for f in names]
+        labels += ys
+        split += [name] * len(names)
+    _require_files(root, files)
+    task = FileListTask(
+        root=root,
+        files=files,
+        labels=np.array(labels),
+        split=np.array(split),
+        classes=classes,
+        size=size,
+        workers=workers,
+        extra={"builder": "stanford_cars", "size": size,
+               "split": "official cars_train_annos.mat / cars_test_annos_withlabels.mat"},
+    )
+    return _with_label_rate(task, label_rate, label_seed)
+
+
+#: FGVC-Aircraft's annotation levels and the files that name (and order) their classes.
+AIRCRAFT_LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
+
+
+@register_task_builder
+def fgvc_aircraft(
+    *,
+    images: str,
+    annotation: str = "variant",
+    label_rate: int = 100,
+    label_seed: int = 0,
+    size: int = 256,
+    workers: int = 1,
+) -> FileListTask:
+    """FGVC-Aircraft 2013b with its official split, ``trainval`` (6,667) as the training set and
+    ``test`` (3,333): ``images`` is the extracted ``fgvc-aircraft-2013b.tar.gz``
+    (``fgvc-aircraft-2013b/data/images/<id>.jpg``; ``data/images_<annotation>_trainval.txt`` and
+    ``data/images_<annotation>_test.txt``: ``<id> <class name>``, names with spaces and slashes;
+    the classes in the order of ``data/variants.txt`` / ``families.txt`` / ``manufacturers.txt``,
+    as torchvision's ``FGVCAircraft``). ``annotation``: ``variant`` (100 classes), ``family`` or
+    ``manufacturer``. **Banner**: the images keep the 20-pixel copyright banner along their
+    bottom edge (no crop, as in torchvision): the whole image is resized like every task's.
+    Label rates: module docstring."""
+    if annotation not in AIRCRAFT_LEVELS:
+        raise ValueError(f"annotation must be one of {list(AIRCRAFT_LEVELS)}, not {annotation!r}")
+    data = _subfolder(Path(images), "fgvc-aircraft-2013b") / "data"
+    classes = _read_list(data / AIRCRAFT_LEVELS[annotation])
+    index = {c: i for i, c in enumerate(classes)}
+    files, labels, split = [], [], []
+    for name, listed in (("train", "trainval"), ("test", "test")):
+        path = data / f"images_{annotation}_{listed}.txt"
+        for line in _read_list(path):
+            image_id, label = line.split(" ", 1)
+            if label not in index:
+                raise ValueError(f"{path}: class {label!r} is not in {AIRCRAFT_LEVELS[annotation]}")
+            files.append(f"{image_id}.jpg")
+            labels.append(index[label])
+            split.append(name)
+    _require_files(data / "images", files)
+    task = FileListTask(
+        root=data / "images",
+        files=files,
+        labels=np.array(labels),
+        split=np.array(split),
+        classes=classes,
+        size=size,
+        workers=workers,
+        extra={"builder": "fgvc_aircraft", "size": size, "annotation": annotation,
+               "split": "official trainval / test", "banner": "kept (not cropped)"},
+    )
+    return _with_label_rate(task, label_rate, label_seed)
+
+
+@register_task_builder
+def oxford_pets(
+    *, images: str, annotations: str, label_rate: int = 100, label_seed: int = 0, size: int = 256, workers: int = 1
+) -> FileListTask:
+    """Oxford-IIIT Pets (37 breeds) with its official split, ``trainval`` (3,680) as the training
+    set and ``test`` (3,669): ``images`` is the extracted ``images.tar.gz``
+    (``images/<Breed_name>_<n>.jpg``), ``annotations`` the extracted ``annotations.tar.gz``
+    (``annotations/trainval.txt``, ``annotations/test.txt``: ``<image name without .jpg> <class
+    1..37> <species> <breed id>``, lines starting with ``#`` are comments). Class names are the
+    image names' breed part (``Abyssinian``, ``american_bulldog``, …), ordered by class id.
+    Label rates: module docstring."""
+    top = _subfolder(Path(images), "images")
+    anns = _subfolder(Path(annotations), "annotations")
+    files, labels, split, breeds = [], [], [], {}
+    for name, listed in (("train", "trainval.txt"), ("test", "test.txt")):
+        for line in _read_list(anns / listed):
+            if line.startswith("#"):
+                continue
+            image, class_id = line.split()[:2]
+            breeds.setdefault(int(class_id), set()).add(image.rsplit("_", 1)[0])
+            files.append(f"{image}.jpg")
+            labels.append(int(class_id) - 1)
+            split.append(name)
+    if sorted(breeds) != list(range(1, len(breeds) + 1)) or any(len(b) != 1 for b in breeds.values()):
+        raise ValueError(f"{anns}: class ids must be 1..{len(breeds)}, each naming one breed")
+    _require_files(top, files)
+    task = FileListTask(
+        root=top,
+        files=files,
+        labels=np.array(labels),
+        split=np.array(split),
+        classes=[next(iter(breeds[k])) for k in sorted(breeds)],
+        size=size,
+        workers=workers,
+        extra={"builder": "oxford_pets", "size": size, "split": "official trainval.txt / test.txt"},
+    )
+    return _with_label_rate(task, label_rate, label_seed)
+
+
+@register_task_builder
+def flowers102(
+    *,
+    images: str,
+    labels: str,
+    setid: str,
+    label_rate: int = 100,
+    label_seed: int = 0,
+    size: int = 256,
+    workers: int = 1,
+) -> FileListTask:
+    """Oxford Flowers-102 with its official split: ``trnid`` + ``valid`` (10 + 10 per class,
+    2,040) as the training set and ``tstid`` (6,149) the test set. ``images`` is the extracted
+    ``102flowers.tgz`` (``jpg/image_%05d.jpg``), ``labels`` the file ``imagelabels.mat``
+    (``labels``: 1..102, one per image, by image number), ``setid`` the file ``setid.mat``
+    (``trnid``, ``valid``, ``tstid``: 1-based image numbers). The release names no classes:
+    they are named by their label, ``"1"`` … ``"102"``. Label rates: module docstring."""
+    from scipy.io import loadmat
+
+    top = _subfolder(Path(images), "jpg")
+    per_image = np.atleast_1d(loadmat(labels, squeeze_me=True)["labels"]).astype(np.int64)
+    sets = loadmat(setid, squeeze_me=True)
+    files, label, split = [], [], []
+    for name, keys in (("train", ("trnid", "valid")), ("test", ("tstid",))):
+        for key in keys:
+            ids = np.atleast_1d(sets[key]).astype(np.int64)
+            if ids.size and (ids.min() < 1 or ids.max() > len(per_image)):
+                raise ValueError(f"{setid}: {key} names images outside 1..{len(per_image)}")
+            files += [f"image_{i:05d}.jpg" for i in ids]
+            label += [int(per_image[i - 1]) - 1 for i in ids]
+            split += [name] * len(ids)
+    _require_files(top, files)
+    n_classes = int(per_image.max())
+    task = FileListTask(
+        root=top,
+        files=files,
+        labels=np.array(label),
+        split=np.array(split),
+        classes=[str(k) for k in range(1, n_classes + 1)],
+        size=size,
+        workers=workers,
+        extra={"builder": "flowers102", "size": size, "split": "official setid.mat: trnid + valid / tstid"},
+    )
+    return _with_label_rate(task, label_rate, label_seed)
+
+
+@register_task_builder
+def dtd(
+    *, images: str, partition: int = 1, label_rate: int = 100, label_seed: int = 0, size: int = 256, workers: int = 1
+) -> FileListTask:
+    """Describable Textures (47 classes, 120 images each) with official partition ``partition``
+    (1..10): ``train<k>.txt`` + ``val<k>.txt`` (80 per class) as the training set and
+    ``test<k>.txt`` (40 per class) the test set. ``images`` is the extracted
+    ``dtd-r1.0.1.tar.gz`` (``dtd/images/<class>/<file>.jpg``; ``dtd/labels/train<k>.txt``,
+    ``val<k>.txt``, ``test<k>.txt``: ``<class>/<file>.jpg``). Classes sorted by name, as
+    torchvision's ``DTD``. Label rates: module docstring."""
+    if isinstance(partition, bool) or not isinstance(partition, int) or not 1 <= partition <= 10:
+        raise ValueError(f"partition must be an integer in 1..10, not {partition!r}")
+    top = _subfolder(Path(images), "dtd")
+    lists = {name: _read_list(top / "labels" / f"{name}{partition}.txt") for name in ("train", "val", "test")}
+    train, test = lists["train"] + lists["val"], lists["test"]
+    classes = sorted({f.split("/", 1)[0] for f in train + test})
+    index = {c: i for i, c in enumerate(classes)}
+    files = train + test
+    _require_files(top / "images", files)
+    task = FileListTask(
+        root=top / "images",
+        files=files,
+        labels=np.array([index[f.split("/", 1)[0]] for f in files]),
+        split=np.array(["train"] * len(train) + ["test"] * len(test)),
+        classes=classes,
+        size=size,
+        workers=workers,
+        extra={"builder": "dtd", "size": size, "partition": partition,
+               "split": f"official train{partition}.txt + val{partition}.txt / test{partition}.txt"},
+    )
+    return _with_label_rate(task, label_rate, label_seed)
 
 
 def _validation_task(root: Path, files: list[str], labels: np.ndarray, classes: list[str], *, fisher_per_class: int,
@@ -336,6 +661,12 @@ RAW_INPUTS: dict[str, tuple[str, ...]] = {
     "caltech256": ("images",),
     "mit_indoor67": ("images", "train_list", "test_list"),
     "stanford_dogs": ("images", "lists"),
+    "cub200": ("images",),
+    "stanford_cars": ("train_images", "test_images", "devkit", "test_annos"),
+    "fgvc_aircraft": ("images",),
+    "oxford_pets": ("images", "annotations"),
+    "flowers102": ("images", "labels", "setid"),
+    "dtd": ("images",),
     "places365_val": ("images", "filelist"),
     "imagenet_val": ("images", "devkit"),
 }
@@ -344,14 +675,23 @@ RAW_INPUTS: dict[str, tuple[str, ...]] = {
 # -- published source networks ------------------------------------------------------------------
 
 #: Weight converters: a published checkpoint -> a state dict of spbench's Classifier
-#: (``backbone.<torchvision name>``, ``head.weight``/``head.bias`` from the source's ``fc``).
+#: (``backbone.<torchvision name>``, ``head.weight``/``head.bias`` from the source's
+#: classification layer, see :data:`HEAD_PREFIXES`).
 CONVERTERS = ("torchvision", "places365")
+
+#: The classification layer of each torchvision family in :data:`spbench.models.ARCHITECTURES`,
+#: as its state-dict key prefix: ResNet ``fc``, ViT ``heads.head``, ConvNeXt ``classifier.2``
+#: (its ``classifier.0``, the final LayerNorm2d, stays in the backbone).
+HEAD_PREFIXES = ("fc.", "heads.head.", "classifier.2.")
 
 
 def convert_weights(path: str | os.PathLike, converter: str) -> dict:
     """Read a published checkpoint with ``torch.load(weights_only=True)`` (no code runs) and
-    rename its tensors. ``torchvision``: a plain torchvision ResNet state dict (e.g.
-    ``resnet101-63fe2227.pth``). ``places365``: the Places365 CNN release
+    rename its tensors: those of the one classification layer it holds (the prefix of
+    :data:`HEAD_PREFIXES` whose ``weight`` is among its keys) to ``head.*``, all others to
+    ``backbone.*``. ``torchvision``: a plain torchvision state dict of a registered
+    architecture (e.g. ``resnet101-63fe2227.pth``, ``vit_b_16-c867db91.pth``,
+    ``convnext_tiny-983f1562.pth``). ``places365``: the Places365 CNN release
     (``resnet50_places365.pth.tar``: ``{'state_dict': {'module.conv1.weight': …}, …}``, saved
     from ``DataParallel``, ``fc`` over 365 classes)."""
     import torch
@@ -362,9 +702,15 @@ def convert_weights(path: str | os.PathLike, converter: str) -> dict:
         blob = {k.removeprefix("module."): v for k, v in blob.items()}
     elif converter != "torchvision":
         raise ValueError(f"unknown weight converter {converter!r} (known: {list(CONVERTERS)})")
-    if "fc.weight" not in blob:
-        raise ValueError(f"{path}: no 'fc.weight' (is it a {converter} ResNet checkpoint?)")
-    return {(f"head.{k[3:]}" if k.startswith("fc.") else f"backbone.{k}"): v for k, v in blob.items()}
+    heads = [p for p in HEAD_PREFIXES if f"{p}weight" in blob]
+    if not heads:
+        keys = ", ".join(repr(f"{p}weight") for p in HEAD_PREFIXES)
+        raise ValueError(f"{path}: no {keys} (no classification layer: is it a {converter} checkpoint "
+                         "of a registered architecture?)")
+    if len(heads) > 1:
+        raise ValueError(f"{path}: more than one classification layer ({', '.join(p + 'weight' for p in heads)})")
+    head = heads[0]
+    return {(f"head.{k[len(head):]}" if k.startswith(head) else f"backbone.{k}"): v for k, v in blob.items()}
 
 
 def check_inputs(config: dict, error: type[Exception] = ValueError) -> None:
