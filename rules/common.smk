@@ -64,6 +64,8 @@ def report_options():
         out["fig1"] = {"method": figures["alpha_beta"]["method"], "target": figures["alpha_beta"]["target"]}
     if "freeze" in figures:
         out["fig3"] = {"methods": list(figures["freeze"]["methods"])}
+    if "published" in config:
+        out["published"] = config["published"]
     return json.dumps(out, sort_keys=True)
 
 
@@ -158,6 +160,8 @@ def report_names():
         tables.append("selection")
     if "overhead" in figures:
         tables.append("overhead")
+    if "published" in config:
+        tables.append("published")  # Table 2's cells beside numbers published elsewhere
     figs = ["fig2"]
     figs += [name for key, name in (("alpha_beta", "fig1"), ("freeze", "fig3"), ("activations", "fig4")) if key in figures]
     if across:

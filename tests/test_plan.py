@@ -125,3 +125,18 @@ def test_plan_command_defaults_to_config_yaml():
     proc = subprocess.run([sys.executable, "-m", "spbench.plan"], cwd=REPO, capture_output=True, text=True,
                           check=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
     assert "finetune             67 jobs (217 runs, by run group)" in proc.stdout
+
+
+def test_plan_prices_the_tllib_config():
+    """config/tllib.yaml: 7 methods × 6 targets (CUB, Cars, Aircraft at 15 % and 100 %), every
+    candidate × 3 learning rates on one fold, then 5 replicates at the chosen setting; priced
+    from a ResNet-50 measurement."""
+    config = load_config(REPO / "config" / "tllib.yaml")
+    candidates = {"none": 1, "l2": 2, "l2_sp": 3, "lwf": 3, "bss": 1, "delta": 2, "co_tuning": 1}
+    p = plan(config, [], [bench("GPU X", "resnet50", bf16=2000.0)])
+    selection = sum(candidates.values()) * 3 * 6
+    assert {k: v["runs"] for k, v in p["parts"].items()} == {"selection": selection, "main": 7 * 6 * 5, "figures": 0}
+    images = (selection + 210) * 9000 * 64
+    (estimate,) = p["estimates"]
+    assert estimate["total"] == pytest.approx(images / 2000.0 / 3600)
+    assert "GPU X" in format_plan(p)

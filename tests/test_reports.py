@@ -1182,3 +1182,28 @@ def test_a_figure_is_a_function_of_its_data(runs):
     np.random.seed(123)
     png()
     assert np.random.random() == after
+
+
+def test_published_numbers_beside_table2s_cells(tmp_path):
+    """Each published number beside its Table 2 cell (mean, sd, n), the difference, a cell the
+    grid did not run as n/a; the caption cites the source and its note; write_reports writes it."""
+    from spbench.reports import published_table, render_published, table2, write_reports
+
+    runs = read_parquet(RUNS_SMALL)
+    published = {"source": "Someone et al. 2099", "note": "selected on the test set",
+                 "values": {"digits-mod3-k5": {"none": 50.0, "l2": 60.5}, "digits-mod3-k10": {"lwf": 40.0}}}
+    frame = published_table(runs, published)
+    cells = table2(runs, baseline=None).set_index(["target", "method"])
+    assert list(zip(frame["target"], frame["method"])) == [("digits-mod3-k5", "none"), ("digits-mod3-k5", "l2"),
+                                                          ("digits-mod3-k10", "lwf")]
+    for r in frame.iloc[:2].itertuples(index=False):
+        cell = cells.loc[(r.target, r.method)]
+        assert (r.mean, r.n) == (cell["mean"], cell["n"]) and r.difference == pytest.approx(r.mean - r.published)
+    missing = frame.iloc[2]
+    assert missing["n"] == 0 and math.isnan(missing["mean"]) and math.isnan(missing["difference"])
+    text = render_published(frame)
+    assert "Someone et al. 2099 (selected on the test set)" in text and re.search(r"\| +n/a \|", text)
+    mean, sd = frame.iloc[1]["mean"], frame.iloc[1]["std"]
+    assert f"{mean:.1f} ± {sd:.1f}" in text and f"{mean - 60.5:+.1f}" in text
+    paths = write_reports(runs, tmp_path, published=published)
+    assert tmp_path / "published.md" in paths and (tmp_path / "published.md").read_text() == text

@@ -15,6 +15,8 @@ if "fig1" in options:
     args += ["--fig1-method", options["fig1"]["method"], "--fig1-target", options["fig1"]["target"]]
 if "fig3" in options:
     args += ["--fig3-methods", ",".join(options["fig3"]["methods"])]
+if "published" in options:
+    args += ["--published", json.dumps(options["published"])]
 main(args)
 missing = [p for p in snakemake.output if not Path(p).exists()]
 if missing:

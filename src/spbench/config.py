@@ -457,6 +457,12 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
                 raise ConfigError(f"config key 'grid.methods.{name}.{key}': duplicate values {values}")
         if cls.needs.fisher and "fisher" not in config:
             raise ConfigError(f"config key 'fisher': required by method {name!r}")
+    for target, methods in config.get("published", {}).get("values", {}).items():
+        if target not in grid["targets"]:
+            raise ConfigError(f"config key 'published.values.{target}': not a target of grid.targets")
+        for method in methods:
+            if method not in grid["methods"]:
+                raise ConfigError(f"config key 'published.values.{target}.{method}': not a method of grid.methods")
     figures = config.get("figures", {})
     for name, fig in figures.items():
         targets = fig.get("targets", [fig["target"]] if "target" in fig else [])
@@ -505,7 +511,8 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
 
 def _check_builder_args(task: str, builder, params: Mapping[str, Any]) -> None:
     """A task builder's arguments against its annotations: integers are integers (seeds ≥ 0,
-    counts and sizes ≥ 1), numbers finite and positive (fractions below 1), strings not empty."""
+    counts and sizes ≥ 1, rates percentages in 1..100), numbers finite and positive (fractions
+    below 1), strings not empty."""
     signature = inspect.signature(builder)
     for key, value in params.items():
         kind = str(signature.parameters[key].annotation)
@@ -516,6 +523,8 @@ def _check_builder_args(task: str, builder, params: Mapping[str, Any]) -> None:
             low = 0 if key.endswith("seed") else 1
             if value < low:
                 raise ConfigError(f"{where}: must be at least {low}, not {value}")
+            if key.endswith("_rate") and value > 100:
+                raise ConfigError(f"{where}: a rate is a percentage, at most 100, not {value}")
         elif kind == "float":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{where}: must be a positive number, not {value!r}")

@@ -49,6 +49,7 @@ Conventions shared by all outputs:
 from __future__ import annotations
 
 import argparse
+import json
 import html
 import logging
 import math
@@ -58,7 +59,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -998,6 +999,47 @@ def render_ranks(ranks: pd.DataFrame, fmt: str = "markdown") -> str:
     return _render(table, fmt)
 
 
+def published_table(runs: pd.DataFrame, published: Mapping[str, Any]) -> pd.DataFrame:
+    """Table 2's cells beside numbers published elsewhere (``published``: a config's
+    ``published`` entry: ``values`` target -> method -> accuracy in percent, ``source`` the
+    citation, ``note``), one row per published number: the cell's ``n``, ``mean`` and ``std``
+    (as in :func:`table2`; NaN where the grid has no such cell), the ``published`` value and
+    ``difference`` = mean − published. A method with several reported settings gives one row
+    per setting."""
+    cells = table2(runs, baseline=None)
+    rows = []
+    for target, methods in published["values"].items():
+        for method, value in methods.items():
+            found = cells[(cells["target"] == target) & (cells["method"] == method)]
+            for cell in found.itertuples(index=False) if len(found) else [None]:
+                mean = math.nan if cell is None else float(cell.mean)
+                rows.append({"source": "" if cell is None else cell.source, "target": target, "method": method,
+                             "setting": "" if cell is None else cell.setting, "n": 0 if cell is None else int(cell.n),
+                             "mean": mean, "std": math.nan if cell is None else float(cell.std),
+                             "published": float(value), "difference": mean - float(value)})
+    if not rows:
+        raise InsufficientDataError("published_table: no published values")
+    out = pd.DataFrame(rows)
+    out.attrs.update(source=published.get("source", ""), note=published.get("note", ""))
+    return out
+
+
+def render_published(frame: pd.DataFrame, fmt: str = "markdown") -> str:
+    """:func:`published_table` as ``fmt``; its caption cites the source and its note."""
+    _check_runs(frame, ["target", "method", "n", "mean", "std", "published", "difference"], "render_published")
+    source, note = frame.attrs.get("source", ""), frame.attrs.get("note", "")
+    caption = ("Target test accuracy (%) of Table 2's cells (mean ± sample std over n replicates, the setting "
+               f"chosen by spbench's model selection on training folds) beside the numbers published by {source}"
+               + (f" ({note})" if note else "") + "; Δ = spbench − published. A cell the grid did not run reads n/a.")
+    table = _Display("published", "Published numbers.", caption,
+                     ["target", "method", "spbench", "n", "published", "Δ"], ["l", "l", "r", "r", "r", "r"])
+    for r in frame.itertuples(index=False):
+        ours = "n/a" if math.isnan(r.mean) else (f"{r.mean:.1f}" + ("" if math.isnan(r.std) else f" ± {r.std:.1f}"))
+        delta = "n/a" if math.isnan(r.difference) else f"{r.difference:+.1f}"
+        table.add([r.target, r.method, ours, str(int(r.n)), f"{r.published:.1f}", delta])
+    return _render(table, fmt)
+
+
 def cd_diagram(runs: pd.DataFrame, **kwargs):
     """The critical-difference diagram of :func:`rank_statistics` (``kwargs`` go to it): each
     method at its mean rank, bars joining methods the Nemenyi test does not tell apart
@@ -1368,6 +1410,7 @@ def write_reports(
     fig1_method: str = "l2_sp",
     fig1_target: str | None = None,
     fig3_methods: Sequence[str] = ("l2", "l2_sp"),
+    published: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write every table and figure the data support into ``out_dir``; return the paths written.
 
@@ -1376,7 +1419,8 @@ def write_reports(
     (needs validation runs), ``paired`` (needs l2 test runs), ``overhead`` (needs
     ``overhead``). Figures (``.png`` at 150 dpi and ``.pdf``): ``fig1`` (needs an α × β grid
     of ``fig1_method``, on ``fig1_target`` if given), ``fig2``, ``fig3`` (needs runs of
-    ``fig3_methods`` with freeze > 0), ``fig4`` (needs ``r2``).
+    ``fig3_methods`` with freeze > 0), ``fig4`` (needs ``r2``). With ``published`` (a config's
+    ``published`` entry), the table ``published``: Table 2's cells beside those numbers.
     An output the data cannot support (:class:`InsufficientDataError`) is skipped with a log
     message; any other error stops before anything is written, as does having nothing to write.
     """
@@ -1409,6 +1453,10 @@ def write_reports(
     ranked = attempt("ranks and cd", lambda: rank_statistics(runs))  # the table and the diagram share them
     if ranked is not None:
         tables.append(("ranks", ranked[0], render_ranks))
+    if published is not None:
+        frame = attempt("published", lambda: published_table(runs, published))
+        if frame is not None:
+            tables.append(("published", frame, render_published))
     if overhead is not None:
         tables.append(("overhead", overhead_table(overhead), render_overhead))
     else:
@@ -1552,7 +1600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: regenerate every table and figure from stored results, without training.
 
     ``python -m spbench.reports RUNS_PARQUET OUT_DIR [--r2 R2_PARQUET] [--overhead OVERHEAD_PARQUET]
-    [--fig1-method NAME] [--fig1-target NAME] [--fig3-methods NAME,NAME]``; prints the paths written, one a line.
+    [--fig1-method NAME] [--fig1-target NAME] [--fig3-methods NAME,NAME] [--published JSON]``; prints the paths written, one a line.
     """
     parser = argparse.ArgumentParser(
         prog="python -m spbench.reports",
@@ -1568,6 +1616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="target whose grid Fig. 1 draws (default: the first that has one)")
     parser.add_argument("--fig3-methods", default="l2,l2_sp", metavar="NAME,NAME",
                         help="comma-separated methods Fig. 3 draws (default: %(default)s)")
+    parser.add_argument("--published", default=None, metavar="JSON",
+                        help="numbers published elsewhere, as a config's `published` entry in JSON: "
+                             '{"source": ..., "note": ..., "values": {target: {method: accuracy %%}}}')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # matplotlib notes at INFO that categorical ticks such as "0" or "1" look like numbers
@@ -1577,7 +1628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overhead = _read_typed(args.overhead, OVERHEAD_SCHEMA, "overhead") if args.overhead else None
     fig3_methods = [p.strip() for p in args.fig3_methods.split(",") if p.strip()]
     paths = write_reports(runs, args.out_dir, r2=r2, overhead=overhead, fig1_method=args.fig1_method,
-                          fig1_target=args.fig1_target, fig3_methods=fig3_methods)
+                          fig1_target=args.fig1_target, fig3_methods=fig3_methods,
+                          published=json.loads(args.published) if args.published else None)
     for path in paths:
         print(path)
     return 0
