@@ -21,10 +21,11 @@ def _bns(module: nn.Module) -> list[nn.Module]:
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("classes, channels", [(3, 1), (7, 3)])
 def test_build_model_output_shape(arch, classes, channels):
-    """build_model(arch, K, C) maps [N, C, H, W] images to [N, K] logits; backbone + head only."""
+    """build_model(arch, K, C) maps [N, C, H, W] images to [N, K] logits (32 px: ConvNeXt's smallest); backbone
+    + head only."""
     torch.manual_seed(0)
     model = build_model(arch, classes, channels)
-    out = model(torch.randn(5, channels, 16, 16))
+    out = model(torch.randn(5, channels, 32, 32))
     assert out.shape == (5, classes)
     assert all(n.startswith(("backbone.", "head.")) for n, _ in model.named_parameters())
     assert model.head.out_features == classes

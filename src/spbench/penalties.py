@@ -301,9 +301,20 @@ VARIANTS = ("smooth", "prox")
 
 
 def _groups(t: Tensor) -> Tensor:
-    """A tensor as rows of groups (SPEC §2): one row per output channel of a tensor of two or
-    more dimensions (its fan-in: kernel height × width × input depth); one row per element
-    of a 1-D tensor (batch-norm scale and shift, biases)."""
+    """A tensor as rows of groups (SPEC §2): a tensor of two or more dimensions is cut along
+    dim 0, one group per index of dim 0 holding everything else; a 1-D tensor gives one
+    group per element. What that means, by kind of tensor:
+
+    - convolution kernels [C_out, C_in, kh, kw]: one group per output channel, its fan-in
+      (kh·kw·C_in elements; a depthwise kernel [C, 1, 7, 7]: 49);
+    - linear and attention weights [out, in]: one group per output row (``in`` elements), e.g.
+      ViT's ``in_proj_weight`` [3·768, 768] (the query, key and value projections stacked:
+      2304 groups of 768) and its MLP weights [3072, 768], [768, 3072];
+    - 1-D tensors (biases, batch-norm and LayerNorm scales and shifts): groups of one element;
+    - other tensors by the same rule: ViT's ``class_token`` [1, 1, D] and ``pos_embedding``
+      [1, N, D] have size 1 on dim 0, so each is a single group, the whole tensor (D and N·D
+      elements, s_g = √D and √(N·D)); ConvNeXt's ``layer_scale`` [C, 1, 1] is C groups of one
+      element, as a 1-D tensor would be."""
     return t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(-1, 1)
 
 
