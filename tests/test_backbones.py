@@ -188,13 +188,26 @@ def test_apply_freeze_freezes_exactly_the_first_units(model):
 
 def test_feature_maps_for_delta(model):
     """ConvNeXt: the depthwise convolution of each stage's last CNBlock, [B, C, H, W] maps of
-    its out_channels, in forward order. ViT: none, a clear error, which DELTA raises when built."""
+    its out_channels, in forward order. ViT: the blocks ending each quarter of the encoder,
+    token sequences [B, 1 + patches, 768] (768 channels)."""
     arch, net = model
     if arch == "vit_b_16":
-        with pytest.raises(ValueError, match="delta needs convolutional feature maps; vit_b_16 has none"):
-            net.feature_layers()
+        names = net.feature_layers()
+        assert names == [f"backbone.encoder.layers.encoder_layer_{i}" for i in (2, 5, 8, 11)]
+        assert net.feature_channels() == [768] * 4
+        seen = {}
+        hooks = [net.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.shape))
+                 for n in names]
+        try:
+            with torch.no_grad():
+                net.eval()(torch.randn(1, 3, 32, 32))
+        finally:
+            for h in hooks:
+                h.remove()
+        assert [seen[n] for n in names] == [(1, 1 + 4, 768)] * 4
         return
     names = net.feature_layers()
+    assert net.feature_channels() == [96, 192, 384, 768]
     assert names == [f"backbone.features.{i}.{n - 1}.block.0" for i, n in ((1, 3), (3, 3), (5, 9), (7, 3))]
     seen = {}
     hooks = [net.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.shape)) for n in names]
@@ -208,6 +221,47 @@ def test_feature_maps_for_delta(model):
     for n, side in zip(names, (16, 8, 4, 2)):
         conv = net.get_submodule(n)
         assert isinstance(conv, nn.Conv2d) and seen[n] == (2, conv.out_channels, side, side)
+
+
+def test_delta_on_vit_token_sequences():
+    """DELTA on ViT: α · Σ_i Σ_j ½ Σ_c C_j W_jc Σ_n (FM_ijnc − FM0_ijnc)² / N over the tapped
+    blocks' token sequences (float64, plain loops over images, channels and tokens), and the
+    set-up pass zeroes one embedding coordinate of every token at a time."""
+    from spbench.methods import Forward
+
+    torch.manual_seed(0)
+    src = build_model("vit_b_16", 4, 3).eval()
+    model = build_model("vit_b_16", 3, 3)
+    model.backbone.load_state_dict(src.backbone.state_dict())
+    inherited, head = split_parameters(model)
+    alpha = 0.3
+    method = make_method("delta", MethodContext(model, inherited, head, source_model=src), alpha=alpha, beta=0.0)
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.rand(768, generator=gen, dtype=torch.float64) for _ in method.taps]
+    for buffer, w in zip(method.attention(), weights):
+        buffer.data = w
+    taps = {n: torch.randn(2, 5, 768, generator=gen, dtype=torch.float64) for n in method.taps}
+    teacher = {n: torch.randn(2, 5, 768, generator=gen, dtype=torch.float64) for n in method.taps}
+    out = Forward(None, None, torch.zeros(2, 768, dtype=torch.float64), None, taps=taps, teacher_taps=teacher)
+    got = method.loss(out).item()
+    expect = 0.0
+    for n, w in zip(method.taps, weights):
+        a, b = taps[n].numpy(), teacher[n].numpy()
+        for i in range(2):
+            for c in range(768):
+                expect += 0.5 * 768 * float(w[c]) * float(((a[i, :, c] - b[i, :, c]) ** 2).sum()) / 5
+    assert got == pytest.approx(alpha * expect, rel=1e-12)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    data = SetupData(x, torch.arange(4) % 4, batch_size=4, device=torch.device("cpu"))
+    zeroed = []
+    after = src.get_submodule("backbone.encoder.layers.encoder_layer_3")  # reads the tapped block's output
+    probe = after.register_forward_pre_hook(lambda m, i: zeroed.append(int((i[0] == 0).all(dim=(0, 1)).sum())))
+    try:
+        (w,) = channel_attention(src, src.feature_layers()[:1], data, 4)
+    finally:
+        probe.remove()
+    assert w.shape == (768,) and w.sum().item() == pytest.approx(1.0)
+    assert zeroed[0] == 0 and set(zeroed[2:]) == {1}  # the probe's passes, then one coordinate at a time
 
 
 def test_delta_channel_attention_on_convnext():
@@ -322,18 +376,13 @@ def test_every_method_takes_a_step(start, name, variant):
     """One training_step (after the method's set-up pass; DELTA's with uniform attention: its
     set-up is test_delta_channel_attention_on_convnext's) with each method of test_methods.py's
     smoke test, the proximal variants included, then its finalize_: a finite loss, and the
-    inherited tensors moved, ViT's class_token and pos_embedding among them. DELTA (alone or
-    composed) refuses ViT when built."""
+    inherited tensors moved, ViT's class_token and pos_embedding among them."""
     arch, base, state = start
     model = base.model
     model.load_state_dict(state)
     model.requires_grad_(True).zero_grad(set_to_none=True)
     inherited, head = split_parameters(model)
     ctx = MethodContext(model, inherited, head, source_model=base.source_model, fisher=base.fisher, nonsmooth=variant)
-    if "delta" in name.split("+") and arch == "vit_b_16":
-        with pytest.raises(ValueError, match="delta needs convolutional feature maps; vit_b_16 has none"):
-            make_method(name, ctx)
-        return
     method = make_method(name, ctx)
     if arch == "vit_b_16" and name.startswith("gl_sp"):  # the token tensors: one group each
         w0 = method.penalty.w0

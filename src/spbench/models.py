@@ -101,6 +101,13 @@ class Classifier(nn.Module):
         (ViT)."""
         return [f"backbone.{name}" for name in self.backbone.stages()]
 
+    def feature_channels(self) -> list[int]:
+        """The channel count of each of :meth:`feature_layers`' outputs: the backbone's
+        ``stage_channels()`` where it has one, else each layer's ``out_channels``."""
+        if hasattr(self.backbone, "stage_channels"):
+            return list(self.backbone.stage_channels())
+        return [self.get_submodule(name).out_channels for name in self.feature_layers()]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
@@ -176,8 +183,10 @@ class TorchvisionViT(nn.Module):
     ``in_channels`` other than 3: ``conv_proj`` is replaced by a new, randomly initialised
     one (torchvision's initialisation), as the ResNet's ``conv1`` is.
 
-    DELTA: no ``stages()`` (a ValueError): the blocks output token sequences, not the
-    convolutional feature maps DELTA's channel attention and loss read.
+    DELTA's feature maps (``stages()``): the outputs of the blocks that end each quarter of the
+    encoder (``encoder_layer_2``, ``_5``, ``_8``, ``_11`` for ViT-B/16), token sequences
+    [B, 1 + patches, D] read as D channels over 1 + patches positions (a ViT has no stages and
+    no convolution after its stem; the suite's choice, DELTA's paper being on CNNs).
     """
 
     def __init__(self, name: str = "vit_b_16", in_channels: int = 3):
@@ -205,9 +214,12 @@ class TorchvisionViT(nn.Module):
         return [embedding, *self.encoder.layers, self.encoder.ln]
 
     def stages(self) -> list[str]:
-        raise ValueError(
-            f"delta needs convolutional feature maps; {self.arch} has none (its encoder blocks output "
-            f"token sequences [B, 1 + patches, {self.hidden_dim}], not [B, C, H, W] maps)")
+        """The blocks that end each quarter of the encoder (class docstring)."""
+        depth = len(self.encoder.layers)
+        return [f"encoder.layers.encoder_layer_{round(k * depth / 4) - 1}" for k in range(1, 5)]
+
+    def stage_channels(self) -> list[int]:
+        return [self.hidden_dim] * len(self.stages())
 
     def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """``encoder.pos_embedding`` for a ``grid_h × grid_w`` patch grid: itself on its own

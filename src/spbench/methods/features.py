@@ -70,6 +70,12 @@ ATTENTION_IMAGES = 256
 ATTENTION_TEMPERATURE = 5.0
 
 
+def _channels_first(t: Tensor) -> Tensor:
+    """A feature map as [B, C, …]: a convolution's output as it is; a transformer block's token
+    sequence [B, N, D] as [B, D, N] (a view: D channels over N positions)."""
+    return t.transpose(1, 2) if t.ndim == 3 else t
+
+
 @torch.no_grad()
 def channel_attention(network: nn.Module, layers: list[str], data: SetupData, num_classes: int) -> list[Tensor]:
     """DELTA's channel attention W_j for each named convolution j of ``network`` (a classifier
@@ -93,13 +99,15 @@ def channel_attention(network: nn.Module, layers: list[str], data: SetupData, nu
         probe = _fit_probe(_features(network.backbone, x, bs), y, num_classes)
         base = nn.functional.cross_entropy(probe(_features(network.backbone, x, bs)), y)
         weights = []
+        counts = dict(zip(network.feature_layers(), network.feature_channels()))
         for name in layers:
             conv = network.get_submodule(name)
+            channels = counts[name] if name in counts else conv.out_channels
             deltas = []
-            for c in range(conv.out_channels):
+            for c in range(channels):
                 def zero_channel(module, inputs, output, c=c):
                     output = output.clone()
-                    output[:, c] = 0
+                    _channels_first(output)[:, c] = 0
                     return output
 
                 handle = conv.register_forward_hook(zero_channel)
@@ -126,7 +134,9 @@ class DELTA(Method):
     FM_j: the output of the last convolution of each backbone stage (before its batch norm and
     the residual addition; :meth:`Classifier.feature_layers`, e.g. ``layer4.2.conv3``), of the
     fine-tuned network (w) and of the frozen source network (w0, one no-grad forward per
-    step); FM_jc its channel c, an H_j × W_j map; C_j its channel count. W_j:
+    step); FM_jc its channel c, an H_j × W_j map; C_j its channel count (a ViT: the output of
+    the block ending each quarter of the encoder, channel c the token embeddings' coordinate c
+    over the N tokens, which take the place of H_j × W_j; see ``TorchvisionViT``). W_j:
     :func:`channel_attention`, computed once before step 0 on the target's training images and
     kept as buffers (uniform W gives every channel weight 1). As in the authors' code, the
     term is summed over the batch (i), halved and divided by the map's size, so that the
@@ -146,8 +156,7 @@ class DELTA(Method):
         super().__init__(context, **hparams)
         self.taps = tuple(context.model.feature_layers())
         self._num_classes = context.model.head.out_features
-        for j, name in enumerate(self.taps):
-            channels = context.model.get_submodule(name).out_channels
+        for j, channels in enumerate(context.model.feature_channels()):
             self.register_buffer(f"attention_{j}", torch.full((channels,), 1.0 / channels))
         self.head_decay = _penalties.L2({}, context.head, alpha=0.0, beta=self.settings["beta"])
 
@@ -162,10 +171,10 @@ class DELTA(Method):
     def loss(self, out: Forward) -> Tensor:
         total = full_precision(out.features).new_zeros(())
         for name, w in zip(self.taps, self.attention()):
-            diff = full_precision(out.taps[name] - out.teacher_taps[name])
-            _, channels, h, width = diff.shape
+            diff = _channels_first(full_precision(out.taps[name] - out.teacher_taps[name]))
+            channels, positions = diff.shape[1], diff[0, 0].numel()  # C_j and H_j·W_j (tokens: N)
             per_channel = diff.pow(2).flatten(2).sum(dim=2)  # [B, C]: ‖FM_jc(w) − FM_jc(w0)‖²
-            total = total + 0.5 * channels * (per_channel * w).sum() / (h * width)
+            total = total + 0.5 * channels * (per_channel * w).sum() / positions
         return self.settings["alpha"] * total
 
     def add_grad_(self) -> None:
