@@ -71,3 +71,19 @@ def test_run_is_a_training_run_with_its_times_name_and_dataset(tmp_path):
     init_experiment(uri, "old")
     assert client.get_experiment(other).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     assert run_name(make_record(experiment="select", evaluation="val0", replicate=1, freeze=2)).startswith("select/val0 · ")
+
+
+def test_post_hoc_variants_are_metrics_of_the_one_run(tmp_path):
+    """A validation run that scored several post-hoc values (WiSE-FT's a) logs one MLflow run,
+    with each value's accuracies as metrics named by its setting."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record = make_record(run_key="select/s/t/wise_ft/lr=0.1/freeze0/val0/rep0", freeze=0, method="wise_ft",
+                         setting="lr=0.1", evaluation="val0", experiment="select")
+    record["variants"] = [{"setting": f"lr=0.1_mix={a}", "test_accuracy": 0.5 + a / 10, "source_accuracy": 0.9 - a / 10}
+                          for a in (0.5, 1.0)]
+    log_run(uri, "t", record, {}, [1.0])
+    (run,) = MlflowClient(tracking_uri=uri).search_runs([init_experiment(uri, "t")])
+    assert run.data.metrics["variants/lr:0.1_mix:0.5/test_accuracy"] == 0.55
+    assert run.data.metrics["variants/lr:0.1_mix:1.0/source_accuracy"] == 0.8

@@ -158,6 +158,9 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
     now = end_ms or int(time.time() * 1000)
     metrics = [Metric("train_loss", float(v), now, step) for step, v in enumerate(curve)]
     metrics += [Metric(name, float(record[name]), now, 0) for name in FINAL_METRICS]
+    for variant in record.get("variants") or []:  # post-hoc values scored from this training
+        prefix = "variants/" + variant["setting"].replace("=", ":")  # MLflow keys allow no '='
+        metrics += [Metric(f"{prefix}/{name}", float(variant[name]), now, 0) for name in ("test_accuracy", "source_accuracy")]
     flat = flatten(params)
     params_list = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
     for i in range(0, len(metrics), 1000):
