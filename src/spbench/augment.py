@@ -26,10 +26,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .data import read_split
 
 __all__ = ["CachedImages", "load_task_views", "augment_batch", "gaussian_blur"]
 
@@ -207,15 +208,13 @@ def load_task_views(
     task_dir = Path(task_dir)
     meta = json.loads((task_dir / "meta.json").read_text())
     images = np.load(task_dir / "images.npy", mmap_mode="r")
-    split = pd.read_parquet(task_dir / "split.parquet", columns=["index", "label", "split"])
     std = meta.get("std") if normalize == "mean_std" else None
     if normalize == "mean_std" and std is None:
         raise ValueError(f"{task_dir}: meta.json has no std (normalize: mean_std)")
     xs, ys = {}, {}
-    for name in ("train", "test"):
-        part = split[split["split"] == name]
+    for name, part in read_split(task_dir).items():
         train = name == "train" and generator is not None
-        xs[name] = CachedImages(images, part["index"].to_numpy(), mean=meta["mean"], std=std, crop=crop, train=train,
+        xs[name] = CachedImages(images, part["index"], mean=meta["mean"], std=std, crop=crop, train=train,
                                 device=device, generator=generator if train else None, **augment_opts)
-        ys[name] = torch.tensor(part["label"].to_numpy(dtype=np.int64))
+        ys[name] = torch.tensor(part["label"])
     return meta, xs, ys

@@ -9,6 +9,7 @@ Every error names the offending key, e.g. ``grid.methods.l2_spp``.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import re
@@ -19,7 +20,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-import jsonschema
 import yaml
 
 __all__ = [
@@ -114,11 +114,17 @@ def load_schema() -> dict:
 
 
 # JSON Schema counts 2.0 as an integer and NaN as a number; a config should do neither.
-_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many({
-    "integer": lambda checker, x: isinstance(x, int) and not isinstance(x, bool),
-    "number": lambda checker, x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x),
-})
-_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_TYPES)
+@functools.cache
+def _validator_class():
+    """The schema's validator: integers are not booleans, numbers are finite. jsonschema is
+    imported on first use (a fine-tune job reads an already validated config)."""
+    import jsonschema
+
+    types = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many({
+        "integer": lambda checker, x: isinstance(x, int) and not isinstance(x, bool),
+        "number": lambda checker, x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x),
+    })
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=types)
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -366,7 +372,7 @@ def validate_config(config: Mapping, base_dir: str | Path = ".") -> dict:
         for old, new in renamed.items():
             if isinstance(section, Mapping) and old in section:
                 raise ConfigError(f"config key '{where}.{old}': renamed '{where}.{new}' (every method, penalties included)")
-    validator = _VALIDATOR(load_schema())
+    validator = _validator_class()(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .fsutil import atomic_directory
@@ -181,6 +180,8 @@ def prepare_task(builder: str, params: dict, out_dir: str | os.PathLike) -> Path
             _record_digest(tmp)
             return out_dir
         np.save(tmp / "images.npy", task.images)
+        import pandas as pd
+
         pd.DataFrame(
             {"index": np.arange(len(task.labels)), "label": task.labels, "split": task.split}
         ).to_parquet(tmp / "split.parquet", index=False)
@@ -231,18 +232,27 @@ class TaskData:
         return self.meta["channels"]
 
 
+def read_split(task_dir: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """A prepared task's ``split.parquet`` as {split name: {"index": …, "label": …}} (numpy
+    arrays, file order), read with pyarrow alone: a fine-tune job need not import pandas."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(task_dir) / "split.parquet", columns=["index", "label", "split"])
+    names = np.asarray(table["split"].to_pylist())
+    index, label = table["index"].to_numpy(), table["label"].to_numpy().astype(np.int64)
+    return {name: {"index": index[names == name], "label": label[names == name]} for name in SPLITS}
+
+
 def load_task(task_dir: str | os.PathLike) -> TaskData:
     task_dir = Path(task_dir)
     meta = json.loads((task_dir / "meta.json").read_text())
     images = np.load(task_dir / "images.npy", mmap_mode="r")
-    split = pd.read_parquet(task_dir / "split.parquet")
     mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, -1, 1, 1)
     xs, ys = {}, {}
-    for name in SPLITS:
-        rows = split[split["split"] == name]
-        batch = torch.from_numpy(np.ascontiguousarray(images[rows["index"].to_numpy()]))
+    for name, rows in read_split(task_dir).items():
+        batch = torch.from_numpy(np.ascontiguousarray(images[rows["index"]]))
         xs[name] = batch.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).contiguous()
-        ys[name] = torch.tensor(rows["label"].to_numpy(dtype=np.int64))
+        ys[name] = torch.tensor(rows["label"])
     return TaskData(meta=meta, x=xs, y=ys)
 
 

@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 
 from .data import register_task_builder
 from .progress import Progress
@@ -154,6 +153,8 @@ class FileListTask:
                 executor.shutdown()
         images.flush()
         del images
+        import pandas as pd
+
         pd.DataFrame(
             {"index": np.arange(n), "label": self.labels, "split": self.split, "file": self.files}
         ).to_parquet(out / "split.parquet", index=False)

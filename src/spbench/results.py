@@ -11,13 +11,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import RunSpec
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made: a fine-tune job writes records only
+    import pandas as pd
 
 __all__ = [
     "SCHEMA",
