@@ -64,6 +64,9 @@ def measure(config: Path, cores: int, workdir: Path) -> dict:
 
     wall, jobs, _ = run_workflow(config, cores, workdir)
     runs = read_parquet(workdir / "results" / "runs.parquet")
+    # one row per training: a validation run that scored several post-hoc values (WiSE-FT's a)
+    # has a row per value, all with its one config (which names the run)
+    runs = runs.drop_duplicates("config_json")
     in_job = float(runs["wall_seconds"].sum())
     return {
         "config": str(config),

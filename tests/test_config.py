@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spbench.methods import METHODS
 from spbench.config import (
     ConfigError,
     RunSpec,
@@ -117,14 +118,15 @@ def test_expand_runs_covers_the_study(demo):
     runs = expand_runs(config, lambda s, t, m: candidates(config, m)[-1])
     assert len({r.key for r in runs}) == len(runs)
     select = [r for r in runs if r.experiment == "select"]
-    assert {r.method for r in select} == {"l2", "l2_sp", "l2_sp_fisher"}
-    # 3 targets × 2 candidates × 2 of 5 folds
-    assert len(select) == 3 * 2 * 3 * 2 and {r.evaluation for r in select} == {"val0", "val1"}
+    assert {r.method for r in select} == {"l2", "l2_sp", "l2_sp_fisher", "wise_ft"}
+    # 3 targets × 2 of 5 folds × (2 candidates of each penalty; WiSE-FT's 4 values of a, post hoc: one training)
+    assert len(select) == 3 * 2 * (3 * 2 + 1) and {r.evaluation for r in select} == {"val0", "val1"}
+    assert {r.setting_text for r in select if r.method == "wise_ft"} == {"lr=0.05"}
     main = [r for r in runs if r.experiment == "main"]
-    # the seven penalties and LwF, DELTA, BSS, Co-Tuning, each at one setting × 3 targets × 5 replicates
-    assert {r.method for r in main} == {"none", "l2", "l2_sp", "l2_sp_fisher", "l1_sp", "gl_sp", "gl_sp_fisher",
-                                        "lwf", "delta", "bss", "co_tuning"}
-    assert len(main) == 11 * 3 * 5
+    # every registered method, each at one setting × 3 targets × 5 replicates
+    assert {r.method for r in main} == set(METHODS)
+    assert len(main) == len(METHODS) * 3 * 5
+    assert {r.setting_text for r in main if r.method == "wise_ft"} == {"lr=0.05_mix=1.0"}  # the chosen a
     assert {r.setting_text for r in main if r.method == "bss"} == {"eta=0.001_k=1_lr=0.05"}
     assert {r.hparams["alpha"] for r in main if r.method == "l2_sp"} == {0.1}
     assert all(r.hparams == {} and r.setting_text == "lr=0.05" for r in runs if r.method == "none")
@@ -203,7 +205,7 @@ def test_setting_text():
 
 def test_run_groups_cover_every_run_once():
     """Every run belongs to exactly one run group (one job), whose members are its evaluations ×
-    replicates; the demo's 217 fine-tunes are 67 jobs."""
+    replicates; the demo's 283 fine-tunes are 82 jobs."""
     from collections import Counter
 
     from spbench.config import candidates, expand_runs, group_members, load_config, run_groups
@@ -213,7 +215,7 @@ def test_run_groups_cover_every_run_once():
     assert run_groups(config)["select"] == (["val0", "val1"], 1)
     runs = expand_runs(config, lambda s, t, m: candidates(config, m)[0])
     groups = Counter((r.experiment, r.source, r.target, r.method, r.setting_text, r.freeze) for r in runs)
-    assert len(runs) == 217 and len(groups) == 67
+    assert len(runs) == 283 and len(groups) == 82
     members = set()
     for e, s, t, m, setting, f in groups:
         group = group_members(config, e, s, t, m, dict(next(r for r in runs if r.setting_text == setting).setting), f)

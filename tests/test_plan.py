@@ -82,10 +82,11 @@ def test_halving_is_priced_rung_by_rung():
 def test_plan_command_prints_the_demo_grid(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config.yaml")], cwd=tmp_path,
                           capture_output=True, text=True, check=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
-    # 18 candidates × 2 folds, 11 methods × 3 targets × 5 replicates, Fig. 1's 8 and Fig. 3's 8 runs;
+    # 21 trainings × 2 folds (18 candidates; WiSE-FT: one per target), 15 methods × 3 targets × 5 replicates,
+    # Fig. 1's 8 and Fig. 3's 8 runs;
     # a job per candidate, per main setting, per figure run
-    assert "finetune             67 jobs (217 runs, by run group)" in proc.stdout
-    assert "requested: 217.00 GPU-hours (cluster.runtime per job" in proc.stdout
+    assert "finetune             82 jobs (283 runs, by run group)" in proc.stdout
+    assert "requested: 283.00 GPU-hours (cluster.runtime per job" in proc.stdout
     for part in ("selection", "main", "figures"):
         assert re.search(rf"^  {part} +\d+ runs", proc.stdout, re.M), part
 
@@ -124,7 +125,7 @@ def test_plan_command_defaults_to_config_yaml():
     """Without a config argument the plan prices ./config.yaml (the demo, from the checkout root)."""
     proc = subprocess.run([sys.executable, "-m", "spbench.plan"], cwd=REPO, capture_output=True, text=True,
                           check=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
-    assert "finetune             67 jobs (217 runs, by run group)" in proc.stdout
+    assert "finetune             82 jobs (283 runs, by run group)" in proc.stdout
 
 
 def test_plan_prices_the_tllib_config():

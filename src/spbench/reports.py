@@ -1026,17 +1026,19 @@ def published_table(runs: pd.DataFrame, published: Mapping[str, Any]) -> pd.Data
 
 def render_published(frame: pd.DataFrame, fmt: str = "markdown") -> str:
     """:func:`published_table` as ``fmt``; its caption cites the source and its note."""
-    _check_runs(frame, ["target", "method", "n", "mean", "std", "published", "difference"], "render_published")
+    _check_runs(frame, ["source", "target", "method", "n", "mean", "std", "published", "difference"],
+                "render_published")
     source, note = frame.attrs.get("source", ""), frame.attrs.get("note", "")
     caption = ("Target test accuracy (%) of Table 2's cells (mean ± sample std over n replicates, the setting "
                f"chosen by spbench's model selection on training folds) beside the numbers published by {source}"
                + (f" ({note})" if note else "") + "; Δ = spbench − published. A cell the grid did not run reads n/a.")
     table = _Display("published", "Published numbers.", caption,
-                     ["target", "method", "spbench", "n", "published", "Δ"], ["l", "l", "r", "r", "r", "r"])
+                     ["source", "target", "method", "spbench", "n", "published", "Δ"],
+                     ["l", "l", "l", "r", "r", "r", "r"])
     for r in frame.itertuples(index=False):
         ours = "n/a" if math.isnan(r.mean) else (f"{r.mean:.1f}" + ("" if math.isnan(r.std) else f" ± {r.std:.1f}"))
         delta = "n/a" if math.isnan(r.difference) else f"{r.difference:+.1f}"
-        table.add([r.target, r.method, ours, str(int(r.n)), f"{r.published:.1f}", delta])
+        table.add([r.source or "n/a", r.target, r.method, ours, str(int(r.n)), f"{r.published:.1f}", delta])
     return _render(table, fmt)
 
 
