@@ -141,3 +141,12 @@ def test_plan_prices_the_tllib_config():
     (estimate,) = p["estimates"]
     assert estimate["total"] == pytest.approx(images / 2000.0 / 3600)
     assert "GPU X" in format_plan(p)
+
+
+@pytest.mark.parametrize("overlay, sources, targets", [("finegrained.yaml", 1, 12), ("backbones.yaml", 3, 6)])
+def test_tllib_overlays_validate_and_scale_the_grid(overlay, sources, targets):
+    """config/finegrained.yaml adds Pets, Flowers-102 and DTD (15 % and 100 %) with their downloads;
+    config/backbones.yaml adds ViT-B/16 and ConvNeXt-Tiny sources: the grid grows by that factor."""
+    base = plan(load_config(REPO / "config" / "tllib.yaml"))
+    grown = plan(load_config(REPO / "config" / "tllib.yaml", REPO / "config" / overlay))
+    assert grown["finetune_runs"] == base["finetune_runs"] * sources * targets // 6
