@@ -15,7 +15,7 @@ from torch import nn
 
 from spbench.datasets import convert_weights
 from spbench.methods import METHODS, MethodContext, SetupData, make_method
-from spbench.methods.features import channel_attention
+from spbench.methods.features import _channels_first, channel_attention
 from spbench.models import apply_freeze, build_model, freeze_depth_count, split_parameters
 from spbench.penalties import PENALTIES, NonSmoothSP, _fisher_group_prox, _groups, _group_grad_flat_, make_penalty
 from spbench.train import training_step
@@ -190,43 +190,31 @@ def test_feature_maps_for_delta(model):
     """ConvNeXt: the depthwise convolution of each stage's last CNBlock, [B, C, H, W] maps of
     its out_channels, in forward order. ViT: the blocks ending each quarter of the encoder,
     token sequences [B, 1 + patches, 768] (768 channels)."""
+    from spbench.methods import record_outputs
+
     arch, net = model
+    names = net.feature_layers()
     if arch == "vit_b_16":
-        names = net.feature_layers()
         assert names == [f"backbone.encoder.layers.encoder_layer_{i}" for i in (2, 5, 8, 11)]
         assert net.feature_channels() == [768] * 4
-        seen = {}
-        hooks = [net.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.shape))
-                 for n in names]
-        try:
-            with torch.no_grad():
-                net.eval()(torch.randn(1, 3, 32, 32))
-        finally:
-            for h in hooks:
-                h.remove()
-        assert [seen[n] for n in names] == [(1, 1 + 4, 768)] * 4
+        with torch.no_grad(), record_outputs(net, names) as seen:
+            net.eval()(torch.randn(1, 3, 32, 32))
+        assert list(seen) == names and [seen[n].shape for n in names] == [(1, 1 + 4, 768)] * 4
         return
-    names = net.feature_layers()
     assert net.feature_channels() == [96, 192, 384, 768]
     assert names == [f"backbone.features.{i}.{n - 1}.block.0" for i, n in ((1, 3), (3, 3), (5, 9), (7, 3))]
-    seen = {}
-    hooks = [net.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.shape)) for n in names]
-    try:
-        with torch.no_grad():
-            net.eval()(torch.randn(2, 3, 64, 64))
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad(), record_outputs(net, names) as seen:
+        net.eval()(torch.randn(2, 3, 64, 64))
     assert list(seen) == names
     for n, side in zip(names, (16, 8, 4, 2)):
         conv = net.get_submodule(n)
-        assert isinstance(conv, nn.Conv2d) and seen[n] == (2, conv.out_channels, side, side)
+        assert isinstance(conv, nn.Conv2d) and seen[n].shape == (2, conv.out_channels, side, side)
 
 
 def test_delta_on_vit_token_sequences():
     """DELTA on ViT: α · Σ_i Σ_j ½ Σ_c C_j W_jc Σ_n (FM_ijnc − FM0_ijnc)² / N over the tapped
-    blocks' token sequences (float64, plain loops over images, channels and tokens), and the
-    set-up pass zeroes one embedding coordinate of every token at a time."""
+    blocks' token sequences (float64, plain loops over images, channels and tokens); a token
+    sequence's channel c, which the set-up pass zeroes, is coordinate c of every token."""
     from spbench.methods import Forward
 
     torch.manual_seed(0)
@@ -251,17 +239,11 @@ def test_delta_on_vit_token_sequences():
             for c in range(768):
                 expect += 0.5 * 768 * float(w[c]) * float(((a[i, :, c] - b[i, :, c]) ** 2).sum()) / 5
     assert got == pytest.approx(alpha * expect, rel=1e-12)
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    data = SetupData(x, torch.arange(4) % 4, batch_size=4, device=torch.device("cpu"))
-    zeroed = []
-    after = src.get_submodule("backbone.encoder.layers.encoder_layer_3")  # reads the tapped block's output
-    probe = after.register_forward_pre_hook(lambda m, i: zeroed.append(int((i[0] == 0).all(dim=(0, 1)).sum())))
-    try:
-        (w,) = channel_attention(src, src.feature_layers()[:1], data, 4)
-    finally:
-        probe.remove()
-    assert w.shape == (768,) and w.sum().item() == pytest.approx(1.0)
-    assert zeroed[0] == 0 and set(zeroed[2:]) == {1}  # the probe's passes, then one coordinate at a time
+    # the set-up pass zeroes "channel" c of a token sequence: coordinate c of every token
+    # (the whole pass, 768 forwards per layer, is test_delta_channel_attention_on_convnext's on a CNN)
+    tokens = torch.randn(2, 5, 768, generator=gen)
+    _channels_first(tokens)[:, 7] = 0
+    assert (tokens[..., 7] == 0).all() and (tokens[..., 6] != 0).all() and (tokens[..., 8] != 0).all()
 
 
 def test_delta_channel_attention_on_convnext():

@@ -15,7 +15,7 @@ from spbench.methods import METHODS, Forward, HParam, Method, MethodContext, Nee
 from spbench.models import build_model, split_parameters
 from spbench.train import train_steps, training_step
 
-ALL = sorted(METHODS) + ["lp_ft+l2_sp", "wise_ft+delta"]  # and two compositions
+ALL = sorted(METHODS) + ["lp_ft+l2_sp", "wise_ft+lwf"]  # and two compositions (one with a teacher)
 
 
 def _source(arch: str, classes: int, channels: int) -> nn.Module:
