@@ -1,5 +1,5 @@
 """Successive halving in model selection (selection.halving): rung budgets and sizes, the runs
-of each rung, the choice against the full selection's, and the workflow end to end."""
+of each rung, and the choice against the full selection's (the workflow end to end: tests/test_beyond_workflow.py)."""
 
 from __future__ import annotations
 
@@ -140,28 +140,5 @@ def test_ties_keep_the_report_order(tmp_path):
                     {"alpha": 0.001, "beta": 0.01, "lr": 0.02}, {"alpha": 0.01, "beta": 0.01, "lr": 0.005}]
 
 
-@pytest.mark.e2e
-def test_the_workflow_halves_then_selects(tmp_path):
-    """The real snakemake CLI with selection.halving: each rung's runs, its survivors file,
-    the selection among the last rung's, and the test-set runs at the chosen setting."""
-    from spbench.results import read_parquet
-    from test_workflow import snakemake
-
-    config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
-    config["grid"]["methods"] = {"l2_sp": {"alpha": [0.001, 0.01, 0.1, 1.0], "beta": [0.01]}}
-    config["grid"]["replicates"] = 1
-    config["selection"]["halving"] = {"eta": 2, "rungs": 2}
-    config.pop("figures")
-    (tmp_path / "halving.yaml").write_text(yaml.safe_dump(config))
-    snakemake(tmp_path, "--configfile", "halving.yaml", "--cores", "2")
-    sel = tmp_path / "results" / "selection" / "digits-src" / "digits-mod3-k5"
-    rung0 = json.loads((sel / "l2_sp" / "rung0.json").read_text())
-    assert rung0["steps"] == 5 and len(rung0["candidates"]) == 4 and len(rung0["survivors"]) == 2
-    chosen = json.loads((sel / "l2_sp.json").read_text())
-    assert {c["setting"] for c in chosen["candidates"]} == {format_setting(s) for s in rung0["survivors"]}
-    assert chosen["rungs"] == [rung0]
-    runs = read_parquet(tmp_path / "results" / "runs.parquet")
-    select = runs[runs["experiment"] == "select"]
-    assert sorted(select["steps"].tolist()) == [5, 5, 5, 5, 10, 10]
-    main = runs[runs["experiment"] == "main"]
-    assert main["setting"].tolist() == [chosen["setting"]] and main["steps"].tolist() == [10]
+# The workflow end to end with selection.halving: tests/test_beyond_workflow.py (one snakemake run shared
+# with the post-hoc, composed-method and published-numbers checks).

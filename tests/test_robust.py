@@ -319,3 +319,20 @@ def test_wise_ft_scores_each_value_from_one_training(tmp_path, monkeypatch):
     assert frame["run_key"].str.endswith("/freeze0/val0/rep0").all() and frame["run_key"].is_unique
     # a = 0 is the starting backbone: the source task is scored as the pretrained network scores it
     assert frame["source_accuracy_drop"].iloc[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_new_post_hoc_value_changes_the_validation_runs_config():
+    """The resolved config of a validation run names the values it scores, so listing another
+    a reruns it (a stale record would miss that value); a test run's config holds its own a."""
+    from spbench.pipeline import run_config
+
+    raw = _tiny_raw()
+    raw["grid"]["methods"]["wise_ft"] = {"mix": [0.5, 1.0]}
+    before = validate_config(raw)
+    raw["grid"]["methods"]["wise_ft"] = {"mix": [0.25, 0.5, 1.0]}
+    after = validate_config(raw)
+    val = RunSpec("digits-src", "digits-mod3-k5", "wise_ft", {"lr": 0.01}, 0, 0, evaluation="val0", experiment="select")
+    assert run_config(before, val)["run"]["post_hoc_settings"] == ["lr=0.01_mix=0.5", "lr=0.01_mix=1.0"]
+    assert run_config(before, val) != run_config(after, val)
+    test = RunSpec("digits-src", "digits-mod3-k5", "wise_ft", {"lr": 0.01, "mix": 0.5}, 0, 0)
+    assert run_config(before, test) == run_config(after, test) and "post_hoc_settings" not in run_config(before, test)["run"]

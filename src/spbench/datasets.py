@@ -74,6 +74,7 @@ __all__ = [
     "imagenet_val",
     "RAW_INPUTS",
     "CONVERTERS",
+    "HEAD_PREFIXES",
     "convert_weights",
     "check_inputs",
 ]

@@ -201,8 +201,11 @@ def compute_fisher(config: Mapping, source: str, model_path, task_dir, out_path)
 
 
 def run_config(config: Mapping, spec: RunSpec) -> dict[str, Any]:
-    """The resolved configuration of one run: what goes to MLflow, the record and logs."""
+    """The resolved configuration of one run: what goes to MLflow, the record and logs. A
+    validation run that scores post-hoc values (:func:`spbench.config.post_hoc_variants`) names
+    them: listing another value of WiSE-FT's a changes the run, which is then trained again."""
     source = config["sources"][spec.source]
+    post_hoc = [format_setting(s) for s in post_hoc_variants(config, spec)]
     return {
         "run": {
             "key": spec.key,
@@ -215,6 +218,7 @@ def run_config(config: Mapping, spec: RunSpec) -> dict[str, Any]:
             "freeze": spec.freeze,
             "replicate": spec.replicate,
             "seed": spec.seed,
+            **({"post_hoc_settings": post_hoc} if post_hoc else {}),
         },
         # lr is in "run"; how often a run is checkpointed does not change its result
         "finetune": {k: v for k, v in config["finetune"].items() if k not in ("lr", "checkpoint_every")},
