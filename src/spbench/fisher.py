@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from .methods.base import eval_mode
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ def estimate_fisher(
     params = {n: all_params[n].detach() for n in names}
     frozen = {n: p.detach() for n, p in all_params.items() if n not in params}
     buffers = dict(model.named_buffers())
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
 
     def log_prob(p: dict[str, Tensor], x: Tensor, k: Tensor) -> Tensor:
         logits = functional_call(model, ({**frozen, **p}, buffers), (x.unsqueeze(0),))
@@ -66,8 +65,8 @@ def estimate_fisher(
     per_example_grad = vmap(grad(log_prob), in_dims=(None, 0, 0))
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     m = len(images)
-    bar = Progress(m, "Fisher", unit="images", logger=log)
-    try:
+    # batch norm on the source statistics; every module's flag restored afterwards
+    with eval_mode(model), Progress(m, "Fisher", unit="images", logger=log) as bar:
         for start in range(0, m, batch_size):
             x = images[start : start + batch_size]
             with torch.no_grad():
@@ -87,10 +86,6 @@ def estimate_fisher(
                 for n, gn in g.items():
                     fisher[n] += torch.einsum("b,b...->...", w, gn.pow(2))
             bar.update(len(x))
-    finally:
-        bar.close()
-        for mod, training in modes.items():
-            mod.training = training
     return {n: f / m for n, f in fisher.items()}
 
 

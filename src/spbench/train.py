@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .integrity import load_sealed, save_sealed
-from .methods import Forward, Method, MethodContext, SetupData, make_method, record_outputs
+from .methods import Forward, Method, MethodContext, SetupData, eval_mode, make_method, record_outputs
 from .models import Classifier, build_model, split_parameters
 from .progress import Progress
 
@@ -40,8 +40,6 @@ __all__ = [
     "set_train_mode",
     "batch_indices",
     "evaluate",
-    "module_modes",
-    "restore_modes",
     "training_step",
     "train_steps",
     "TrainHistory",
@@ -150,31 +148,17 @@ def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generato
         pos += b
 
 
-def module_modes(model: nn.Module) -> dict[nn.Module, bool]:
-    """The train/eval flag of every submodule (frozen units may differ from the rest)."""
-    return {m: m.training for m in model.modules()}
-
-
-def restore_modes(modes: dict[nn.Module, bool]) -> None:
-    for m, training in modes.items():
-        m.training = training
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512, precision: Precision | None = None) -> float:
     """Top-1 accuracy of ``model`` in eval mode (every submodule's mode is restored), under
     ``precision``'s autocast (the training's)."""
-    modes = module_modes(model)
-    model.eval()
     correct = 0
     precision = precision or Precision()
-    try:
+    with eval_mode(model):
         for start in range(0, len(x), batch_size):
             with precision.autocast():
                 logits = model(x[start : start + batch_size])
             correct += (logits.argmax(dim=1) == y[start : start + batch_size]).sum().item()
-    finally:
-        restore_modes(modes)
     return correct / len(x)
 
 

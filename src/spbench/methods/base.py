@@ -37,6 +37,7 @@ repository registers one through the ``spbench.methods`` entry-point group
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -63,6 +64,7 @@ __all__ = [
     "full_precision",
     "frozen_copy",
     "record_outputs",
+    "eval_mode",
     "compose",
     "post_hoc_names",
 ]
@@ -278,6 +280,19 @@ def full_precision(t: Tensor) -> Tensor:
     """``t`` in float32 when it is a half-precision tensor (autocast outputs), else as it is
     (float64 stays float64): losses and their reductions are not computed in 16 bits."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Context manager: ``module`` in eval mode inside the block; afterwards every submodule's
+    own train/eval flag is restored (frozen units may differ from the rest)."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Forward, HParam, Method, MethodContext, Needs, SetupData, full_precision, register
+from .base import Forward, HParam, Method, MethodContext, Needs, SetupData, eval_mode, full_precision, register
 
 __all__ = ["LwF", "CoTuning"]
 
@@ -97,19 +97,13 @@ class CoTuning(Method):
 
     @torch.no_grad()
     def setup(self, data: SetupData) -> None:
-        source = self._source[0]
-        modes = {m: m.training for m in source.modules()}
-        source.eval()
-        try:
-            sums = torch.zeros_like(self.relationship, dtype=torch.float64)
-            counts = torch.zeros(len(sums), dtype=torch.float64, device=sums.device)
+        sums = torch.zeros_like(self.relationship, dtype=torch.float64)
+        counts = torch.zeros(len(sums), dtype=torch.float64, device=sums.device)
+        with eval_mode(self._source[0]) as source:
             for xb, yb in data.batches():
                 probs = torch.softmax(source(xb).double(), dim=1)
                 sums.index_add_(0, yb, probs)
                 counts.index_add_(0, yb, torch.ones_like(yb, dtype=torch.float64))
-        finally:
-            for m, training in modes.items():
-                m.training = training
         if (counts == 0).any():
             missing = torch.nonzero(counts == 0).flatten().tolist()
             raise ValueError(f"co_tuning: target classes {missing[:5]} have no training images")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import penalties as _penalties
-from .base import Forward, HParam, Method, MethodContext, Needs, SetupData, full_precision, register
+from .base import Forward, HParam, Method, MethodContext, Needs, SetupData, eval_mode, full_precision, register
 from .penalties import BETA
 
 __all__ = ["BSS", "DELTA", "channel_attention"]
@@ -89,15 +89,14 @@ def channel_attention(network: nn.Module, layers: list[str], data: SetupData, nu
     3. W_j = softmax_c(z_jc / 5), z_j the standardised Δ_j ((Δ − mean) / std over the layer's
        channels; z = 0 when all Δ are equal), as in DELTA's code. Each W_j sums to 1.
     """
-    modes = {m: m.training for m in network.modules()}
-    network.eval()
-    try:
+    with eval_mode(network):
         batches = list(data.batches())
         x = torch.cat([xb for xb, _ in batches])[:ATTENTION_IMAGES]
         y = torch.cat([yb for _, yb in batches])[:ATTENTION_IMAGES]
         bs = data.batch_size
-        probe = _fit_probe(_features(network.backbone, x, bs), y, num_classes)
-        base = nn.functional.cross_entropy(probe(_features(network.backbone, x, bs)), y)
+        features = _features(network.backbone, x, bs)
+        probe = _fit_probe(features, y, num_classes)
+        base = nn.functional.cross_entropy(probe(features), y)
         weights = []
         counts = dict(zip(network.feature_layers(), network.feature_channels()))
         for name in layers:
@@ -119,9 +118,6 @@ def channel_attention(network: nn.Module, layers: list[str], data: SetupData, nu
             sd = d.std()
             z = (d - d.mean()) / sd if sd > 0 else torch.zeros_like(d)
             weights.append(torch.softmax(z / ATTENTION_TEMPERATURE, dim=0).to(base.dtype))
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return weights
 
 

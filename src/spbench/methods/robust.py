@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..penalties import TensorStore
-from .base import HParam, Method, MethodContext, Needs, SetupData, register
-from .features import _features, _fit_probe
+from .base import HParam, Method, MethodContext, Needs, SetupData, eval_mode, register
+from .features import _fit_probe
 
 __all__ = ["SPD", "FTP", "LPFT", "WiSEFT", "row_l1_norms"]
 
@@ -183,16 +183,9 @@ class LPFT(Method):
     @torch.no_grad()
     def setup(self, data: SetupData) -> None:
         model = self._model[0]
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            batches = list(data.batches())
-            x = torch.cat([xb for xb, _ in batches])
-            y = torch.cat([yb for _, yb in batches])
-            features = _features(model.backbone, x, data.batch_size)
-        finally:
-            for m, training in modes.items():
-                m.training = training
+        with eval_mode(model):  # batch by batch: the images are never all in memory at once
+            pairs = [(model.backbone(xb), yb) for xb, yb in data.batches()]
+        features, y = torch.cat([f for f, _ in pairs]), torch.cat([yb for _, yb in pairs])
         probe = _fit_probe(features.to(model.head.weight.dtype), y, model.head.out_features,
                            iterations=self.PROBE_ITERATIONS, weight_decay=self.settings["probe_decay"])
         model.head.weight.copy_(probe.weight)
