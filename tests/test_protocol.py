@@ -18,6 +18,19 @@ H, CROP = 12, 8
 MEAN = torch.tensor([0.5, 0.4, 0.3])
 
 
+def prepare_tiny(config, root: Path) -> Path:
+    """config/tiny.yaml's two tasks prepared under ``root / "data"`` and its source network built
+    in ``root / "src"`` (returned), as the workflow would before a fine-tune."""
+    from spbench import pipeline
+
+    for task in ("digits-src", "digits-mod3-k5"):
+        pipeline.prepare_task_from_config(config, task, root / "data" / task)
+    src = root / "src"
+    src.mkdir()
+    pipeline.build_source(config, "digits-src", root / "data" / "digits-src", src / "model.pt", src / "info.json")
+    return src
+
+
 def test_validation_fold_is_scored_on_central_crops():
     from spbench.pipeline import evaluation_split
 
@@ -84,11 +97,7 @@ def test_finetune_gives_the_penalty_the_whole_backbones_rescaled_fisher(tmp_path
     raw = yaml.safe_load((repo / "config" / "tiny.yaml").read_text())
     raw["finetune"].update(steps=2, batch_size=8, sp_scope="weights")
     config = validate_config(raw)
-    for task in ("digits-src", "digits-mod3-k5"):
-        pipeline.prepare_task_from_config(config, task, tmp_path / "data" / task)
-    src = tmp_path / "src"
-    src.mkdir()
-    pipeline.build_source(config, "digits-src", tmp_path / "data" / "digits-src", src / "model.pt", src / "info.json")
+    src = prepare_tiny(config, tmp_path)
     pipeline.compute_fisher(config, "digits-src", src / "model.pt", tmp_path / "data" / "digits-src", src / "fisher.pt")
     captured = {}
 

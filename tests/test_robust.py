@@ -14,6 +14,7 @@ import torch
 from spbench.config import RunSpec, post_hoc_variants, selection_runs, training_candidates, validate_config
 from spbench.methods import METHODS, MethodContext, SetupData, compose, make_method, method_class
 from spbench.models import build_model, split_parameters
+from test_protocol import prepare_tiny
 
 
 def _context(classes=3, seed=0):
@@ -291,11 +292,7 @@ def test_wise_ft_scores_each_value_from_one_training(tmp_path, monkeypatch):
     raw["finetune"].update(steps=6, batch_size=8)
     raw["grid"]["methods"]["wise_ft"] = {"mix": [0.0, 0.5, 1.0]}
     config = validate_config(raw)
-    for task in ("digits-src", "digits-mod3-k5"):
-        pipeline.prepare_task_from_config(config, task, tmp_path / "data" / task)
-    src = tmp_path / "src"
-    src.mkdir()
-    pipeline.build_source(config, "digits-src", tmp_path / "data" / "digits-src", src / "model.pt", src / "info.json")
+    src = prepare_tiny(config, tmp_path)
     calls = []
     real = pipeline.train_steps
     monkeypatch.setattr(pipeline, "train_steps", lambda *a, **kw: calls.append(1) or real(*a, **kw))

@@ -178,6 +178,18 @@ def _images_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _subfolder(root: Path, name: str) -> Path:
+    """``root / name`` where the extracted archive holds that folder, else ``root`` (the folder
+    itself was given)."""
+    return root / name if (root / name).is_dir() else root
+
+
+def _require_files(top: Path, files: Sequence[str]) -> None:
+    missing = [f for f in files if not (top / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} listed images missing under {top}, e.g. {missing[0]}")
+
+
 def _seeded_split(labels: np.ndarray, first: dict[int, int] | int, second: int | None, seed_parts: Sequence[int]):
     """Per class, a seeded permutation: its first ``first`` images and its next ``second``
     (all the rest when None). Returns two index arrays (sorted)."""
@@ -208,8 +220,7 @@ def caltech256(
     """Caltech-256-``per_class`` (SPEC §5): ``images`` is the extracted
     ``256_ObjectCategories.tar`` (folders ``001.ak47`` … ``257.clutter``); per class
     ``test_per_class`` test and ``per_class`` training images, seeded (module docstring)."""
-    root = Path(images)
-    top = root / "256_ObjectCategories" if (root / "256_ObjectCategories").is_dir() else root
+    top = _subfolder(Path(images), "256_ObjectCategories")
     folders = sorted(p.name for p in top.iterdir() if p.is_dir() and re.match(r"^\d{3}\.", p.name))
     if not clutter:
         folders = [f for f in folders if not f.endswith(".clutter")]
@@ -239,18 +250,6 @@ def caltech256(
 
 def _read_list(path: Path) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def _subfolder(root: Path, name: str) -> Path:
-    """``root / name`` where the extracted archive holds that folder, else ``root`` (the folder
-    itself was given)."""
-    return root / name if (root / name).is_dir() else root
-
-
-def _require_files(top: Path, files: Sequence[str]) -> None:
-    missing = [f for f in files if not (top / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} listed images missing under {top}, e.g. {missing[0]}")
 
 
 @register_task_builder
@@ -288,8 +287,7 @@ def stanford_dogs(*, images: str, lists: str, size: int = 256, workers: int = 1)
     """Stanford Dogs 120 with its official split: ``images`` is the extracted ``images.tar``
     (``Images/<wnid>-<breed>/<file>``), ``lists`` the extracted ``lists.tar``
     (``train_list.mat``, ``test_list.mat``: ``file_list`` and 1-based ``labels``)."""
-    root = Path(images)
-    top = root / "Images" if (root / "Images").is_dir() else root
+    top = _subfolder(Path(images), "Images")
     train, train_y = _mat_list(Path(lists) / "train_list.mat")
     test, test_y = _mat_list(Path(lists) / "test_list.mat")
     folders = sorted({f.split("/", 1)[0] for f in train + test})
@@ -619,8 +617,7 @@ def places365_val(
     """Places365 validation set (36,500 images, 100 per class): ``images`` is the extracted
     ``val_256.tar`` (``val_256/Places365_val_*.jpg``), ``filelist`` the extracted
     ``filelist_places365-standard.tar`` (``categories_places365.txt``, ``places365_val.txt``)."""
-    root = Path(images)
-    top = root / "val_256" if (root / "val_256").is_dir() else root
+    top = _subfolder(Path(images), "val_256")
     lists = Path(filelist)
     categories = sorted((int(i), name) for name, i in (line.split() for line in _read_list(lists / "categories_places365.txt")))
     classes = [name for _, name in categories]

@@ -97,8 +97,8 @@ class Classifier(nn.Module):
     def feature_layers(self) -> list[str]:
         """Module names (relative to the classifier) of the convolutions that end each stage of
         the backbone, in forward order (``backbone.layer4.2.conv3`` …; see the backbones'
-        ``stages()``): the feature maps of DELTA. A ValueError for a backbone that has none
-        (ViT)."""
+        ``stages()``; a ViT's are the blocks ending each quarter of its encoder): the feature
+        maps of DELTA."""
         return [f"backbone.{name}" for name in self.backbone.stages()]
 
     def feature_channels(self) -> list[int]:
@@ -271,9 +271,8 @@ class TorchvisionConvNeXt(nn.Module):
     torchvision's stochastic depth (``convnext_tiny``'s default: up to 0.1, rising with the
     block's depth) is kept: it drops residual branches in train mode only. Images need at
     least 32 px (torchvision's minimum: four 2×2 downsamplings after the 4×4 stem).
-    ``in_channels`` other than 3: the stem's
-    convolution is replaced by a new, randomly initialised one (torchvision's
-    initialisation).
+    ``in_channels`` other than 3: the stem's convolution is replaced by a new, randomly
+    initialised one (torchvision's initialisation).
     """
 
     def __init__(self, name: str = "convnext_tiny", in_channels: int = 3):

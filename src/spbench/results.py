@@ -194,7 +194,8 @@ def records_to_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         variants = r.get("variants") or []
         if not variants:
             rows.append(row)
-        spec = RunSpec.from_key(r["run_key"]) if variants else None
+            continue
+        spec = RunSpec.from_key(r["run_key"])
         for v in variants:
             key = dataclasses.replace(spec, setting=parse_setting(v["setting"])).key
             rows.append({**row, **{k: v[k] for k in ("setting", "hparams_json", "test_accuracy", "source_accuracy",
