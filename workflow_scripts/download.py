@@ -3,7 +3,7 @@ import os
 from pathlib import Path
 
 from spbench.download import fetch, verify_file
-from spbench.pipeline import setup_logging
+from spbench.progress import setup_logging
 
 setup_logging(snakemake.log[0])
 spec, out = snakemake.params.spec, Path(snakemake.output[0])

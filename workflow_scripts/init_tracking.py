@@ -1,5 +1,5 @@
 """Rule init_tracking: create the MLflow store and experiment once, before the fan-out."""
-from spbench.pipeline import setup_logging
+from spbench.progress import setup_logging
 from spbench.results import write_json_atomic
 from spbench.tracking import try_init_experiment
 

@@ -1,7 +1,7 @@
 """Rule log_runs (tracking.log_from: end): log every run record MLflow lacks, in one process.
 A tracking outage does not fail the workflow: the counts say what is missing, and
 `snakemake sync_tracking` logs it later."""
-from spbench.pipeline import setup_logging
+from spbench.progress import setup_logging
 from spbench.results import read_record, write_json_atomic
 from spbench.tracking import sync_runs
 

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from spbench.pipeline import setup_logging
+from spbench.progress import setup_logging
 from spbench.reports import main
 
 setup_logging(snakemake.log[0])

@@ -1,5 +1,6 @@
 """Checkpoint select_setting: choose a method's setting (hyper-parameters and lr) on validation folds."""
-from spbench.pipeline import select_setting, setup_logging
+from spbench.progress import setup_logging
+from spbench.selection import select_setting
 
 setup_logging(snakemake.log[0])
 select_setting(snakemake.input.records, snakemake.output.selection, snakemake.input.get("rungs", []))

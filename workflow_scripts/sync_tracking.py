@@ -1,5 +1,5 @@
 """Rule sync_tracking: log to MLflow the run records it lacks (after a tracking outage)."""
-from spbench.pipeline import setup_logging
+from spbench.progress import setup_logging
 from spbench.results import read_record
 from spbench.tracking import sync_runs
 

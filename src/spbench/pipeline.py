@@ -1,7 +1,9 @@
 """The stages of the workflow as plain functions of the validated config.
 
-Each workflow script unpacks its rule's inputs and calls one function here; the same
-functions run from a notebook. Nothing here imports Snakemake.
+Each workflow script unpacks its rule's inputs and calls one function here, or, for the light
+jobs that import no torch, in :mod:`spbench.selection`, :mod:`spbench.results`,
+:mod:`spbench.tracking` or :mod:`spbench.reports`; the same functions run from a notebook.
+Nothing here imports Snakemake.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from . import __version__
 from .augment import load_task_views
-from .config import TRAINING_KEYS, RunSpec, derive_seed, format_setting, parse_setting, post_hoc_variants
+from .config import TRAINING_KEYS, RunSpec, derive_seed, format_setting, post_hoc_variants
 from .data import fold_split, load_task, prepare_task
 from .datasets import RAW_INPUTS, convert_weights
 from .download import input_path
@@ -27,7 +28,9 @@ from .integrity import DamagedArtifactError, load_sealed, save_sealed
 from .fisher import estimate_fisher, load_fisher, normalize_fisher, save_fisher
 from .models import apply_freeze, build_model, split_parameters
 from .methods import MethodContext, make_method, method_class
-from .results import write_json_atomic, write_record
+from .progress import setup_logging
+from .results import aggregate_records, write_json_atomic, write_record
+from .selection import halve, select_setting
 from .train import (
     StopOnSignal,
     evaluate,
@@ -532,86 +535,6 @@ def _restore_finished(config: Mapping, spec: RunSpec, done: Path, record_out, mo
     shutil.copy2(done / "model.pt", model_out)
     write_record(record_out, record)
     return record
-
-
-def setup_logging(log_path=None, level: int = logging.INFO) -> None:
-    """Log spbench's messages (progress, counts, results) to ``log_path`` and stderr."""
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True)
-
-
-def aggregate_records(record_paths, out_path) -> int:
-    """Read every run record and write the run table (Parquet); returns the row count."""
-    from .results import read_record, records_to_frame, write_parquet
-
-    frame = records_to_frame(read_record(p) for p in record_paths)
-    write_parquet(frame, out_path)
-    log.info("%d runs -> %s", len(frame), out_path)
-    return len(frame)
-
-
-def select_setting(record_paths, out_path, rung_paths=()) -> dict:
-    """Choose one method's setting for a (source, target) from its validation records, with
-    the same rule as the report's selection table; write it with every candidate's score (and,
-    with successive halving, each earlier rung's outcome, ``rung_paths`` from :func:`halve`)."""
-    from .reports import selected_settings, selection_table
-    from .results import read_record, records_to_frame
-
-    frame = records_to_frame(read_record(p) for p in record_paths)
-    chosen = selected_settings(frame)
-    if len(chosen) != 1:
-        raise ValueError(f"expected validation runs of one (source, target, method), got {len(chosen)} groups")
-    row = chosen.iloc[0]
-    scores = selection_table(frame)
-    result = {
-        "source": row["source"],
-        "target": row["target"],
-        "method": row["method"],
-        "setting": row["setting"],
-        "selected": parse_setting(row["setting"]),
-        "candidates": json.loads(scores.to_json(orient="records")),
-        "rungs": [json.loads(Path(p).read_text()) for p in rung_paths],
-    }
-    write_json_atomic(out_path, result)
-    log.info("selected for %s/%s/%s: %s", row["source"], row["target"], row["method"], result["setting"])
-    return result
-
-
-def halve(record_paths, out_path, *, rung: int, eta: int) -> dict:
-    """One rung of successive halving for a (source, target, method): score its candidates on
-    their validation records (the selection table's rule), keep the best ceil(n / eta) for
-    the next rung (ties: report order, as for the selected setting); write them with every
-    candidate's score. A candidate without a score is dropped; with none scored it fails."""
-    from .reports import rank_settings, selection_table
-    from .results import read_record, records_to_frame
-
-    frame = records_to_frame(read_record(p) for p in record_paths)
-    scores = selection_table(frame)
-    if scores[["source", "target", "method"]].drop_duplicates().shape[0] != 1:
-        raise ValueError("expected validation runs of one (source, target, method)")
-    ranking = rank_settings(scores)
-    if ranking.empty:
-        raise ValueError(f"rung {rung}: no candidate has a validation score")
-    keep = math.ceil(len(scores) / eta)
-    survivors = [{k: v for k, v in parse_setting(text).items() if k != "steps"} for text in ranking["setting"][:keep]]
-    first = scores.iloc[0]
-    result = {
-        "source": first["source"],
-        "target": first["target"],
-        "method": first["method"],
-        "rung": rung,
-        "steps": int(frame["steps"].iloc[0]),
-        "eta": eta,
-        "survivors": survivors,
-        "candidates": json.loads(scores.drop(columns="selected").to_json(orient="records")),
-    }
-    write_json_atomic(out_path, result)
-    log.info("rung %d of %s/%s/%s (%d steps): %d of %d candidates go on", rung, first["source"], first["target"],
-             first["method"], result["steps"], len(survivors), len(scores))
-    return result
 
 
 def activation_table(config: Mapping, source: str, source_model, target_dir, finetuned: Mapping[str, Any], out_path) -> int:

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["Progress", "draws_bar"]
 
@@ -95,3 +96,12 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def setup_logging(log_path=None, level: int = logging.INFO) -> None:
+    """Log spbench's messages (progress, counts, results) to ``log_path`` and stderr."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True)

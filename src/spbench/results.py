@@ -8,6 +8,7 @@ step reads all records into ``results/runs.parquet`` with exactly the columns of
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -33,7 +34,10 @@ __all__ = [
     "records_to_frame",
     "write_parquet",
     "read_parquet",
+    "aggregate_records",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Columns of ``runs.parquet`` and the fields of every record, with their Arrow types.
 #: The record may carry more (the train-loss curve, the resolved config as a dict);
@@ -228,3 +232,11 @@ def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
         extra = sorted(set(table.schema.names) - set(names))
         raise SchemaError(f"{path}: columns differ from the result schema (missing {missing}, extra {extra})")
     return table.cast(SCHEMA).to_pandas()
+
+
+def aggregate_records(record_paths, out_path) -> int:
+    """Read every run record and write the run table (Parquet); returns the row count."""
+    frame = records_to_frame(read_record(p) for p in record_paths)
+    write_parquet(frame, out_path)
+    log.info("%d runs -> %s", len(frame), out_path)
+    return len(frame)
