@@ -87,3 +87,44 @@ def test_post_hoc_variants_are_metrics_of_the_one_run(tmp_path):
     (run,) = MlflowClient(tracking_uri=uri).search_runs([init_experiment(uri, "t")])
     assert run.data.metrics["variants/lr:0.1_mix:0.5/test_accuracy"] == 0.55
     assert run.data.metrics["variants/lr:0.1_mix:1.0/source_accuracy"] == 0.8
+
+
+def test_batches_respect_mlflow_limits_and_keep_everything():
+    from spbench.tracking import _batches
+
+    for n_metrics, n_params in [(0, 0), (5, 3), (1000, 0), (950, 100), (2500, 250), (0, 101)]:
+        metrics, params = list(range(n_metrics)), list(range(n_params))
+        batches = list(_batches(metrics, params))
+        assert all(len(m) <= 1000 and len(p) <= 100 and len(m) + len(p) <= 1000 and (m or p) for m, p in batches)
+        assert [x for m, _ in batches for x in m] == metrics and [x for _, p in batches for x in p] == params
+        # as few calls as the limits allow
+        assert len(batches) == max(-(-n_params // 100), -(-(n_metrics + n_params) // 1000))
+
+
+def test_sync_logs_each_missing_record_once_and_replaces_a_half_logged_run(tmp_path):
+    """sync_runs lists the experiment once: a FINISHED run is left alone, a half-logged one
+    (RUNNING) is deleted and logged again, the others are logged; a curve and a config past
+    one call's limits (1000 metrics, 100 params) arrive whole; a second sync logs nothing."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from spbench.tracking import sync_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = init_experiment(uri, "t")
+    config = {f"p{i}": i for i in range(130)}
+    records = [make_record(run_key=f"main/s/t/l2/alpha=0.1_beta=0.01_lr=0.5/freeze0/test/rep{r}", replicate=r,
+                           config_json=json.dumps(config), train_loss=[1.0 / (s + 1) for s in range(1200)]) for r in range(3)]
+    assert log_run(uri, "t", records[0], config, records[0]["train_loss"]) is not None
+    client = MlflowClient(tracking_uri=uri)
+    stale = client.create_run(exp_id, tags={RUN_KEY_TAG: records[1]["run_key"]})  # a crash before it finished
+    counts = sync_runs(uri, "t", records)
+    assert counts == {"records": 3, "already": 1, "logged": 2, "failed": 0}
+    runs = client.search_runs([exp_id])
+    assert sorted(r.data.tags[RUN_KEY_TAG] for r in runs) == sorted(r["run_key"] for r in records)
+    assert all(r.info.status == "FINISHED" for r in runs) and stale.info.run_id not in {r.info.run_id for r in runs}
+    for run in runs:
+        assert len(run.data.params) == 130
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1200
+    assert sync_runs(uri, "t", records) == {"records": 3, "already": 3, "logged": 0, "failed": 0}

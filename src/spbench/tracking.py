@@ -135,21 +135,37 @@ def _dataset_input(record: Mapping[str, Any]):
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
-def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[str, Any], curve: list[float]) -> str:
-    from mlflow.entities import Metric, Param, RunTag
+def _batches(metrics: list, params: list) -> Iterable[tuple[list, list]]:
+    """A run's metrics and params in as few ``log_batch`` calls as MLflow's limits allow (per
+    call: 1000 metrics, 100 params, 1000 entities in all)."""
+    while metrics or params:
+        p = params[:100]
+        m = metrics[: 1000 - len(p)]
+        yield m, p
+        metrics, params = metrics[len(m) :], params[len(p) :]
+
+
+def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[str, Any], curve: list[float], *,
+         client=None, exp_id: str | None = None, earlier: list | None = None) -> str:
+    """Log one run. ``client``, ``exp_id`` and ``earlier`` (the runs MLflow already holds under
+    the record's key) may come from a caller that logs many runs and has listed them once;
+    by default they are looked up here."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else init_experiment(uri, experiment)
+    client = client or MlflowClient(tracking_uri=uri)
+    if exp_id is None:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else init_experiment(uri, experiment)
     key = record["run_key"]
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'")
-    for run in found:
+    if earlier is None:
+        earlier = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'")
+    for run in earlier:
         if run.info.status == "FINISHED":
             log.info("MLflow already holds run %s (%s): not logged again", key, run.info.run_id)
             return run.info.run_id
         client.delete_run(run.info.run_id)  # a half-logged earlier attempt
-    tags = {RUN_KEY_TAG: key, **{f: str(record[f]) for f in TAG_FIELDS}}
+    tags = {RUN_KEY_TAG: key, **{f: str(record[f]) for f in TAG_FIELDS}, "spbench.device": str(record["device"])}
     # the run's times are the training's (the record's), not the logging's
     start_ms = int(1000 * record["started_at"]) if "started_at" in record else None
     end_ms = int(1000 * record["ended_at"]) if "ended_at" in record else None
@@ -163,11 +179,8 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
         metrics += [Metric(f"{prefix}/{name}", float(variant[name]), now, 0) for name in ("test_accuracy", "source_accuracy")]
     flat = flatten(params)
     params_list = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
-    for i in range(0, len(params_list), 100):
-        client.log_batch(run_id, params=params_list[i : i + 100])
-    client.log_batch(run_id, tags=[RunTag("spbench.device", str(record["device"]))])
+    for m, p in _batches(metrics, params_list):
+        client.log_batch(run_id, metrics=m, params=p)
     dataset = _dataset_input(record)
     if dataset is not None:
         client.log_inputs(run_id, datasets=[dataset])
@@ -209,6 +222,20 @@ def try_init_experiment(uri: str, experiment: str, *, timeout_s: float = 60.0) -
     return exp_id if ok else None
 
 
+def _runs_by_key(client, exp_id: str) -> dict[str, list]:
+    """Every (not deleted) run of the experiment, by run key: one listing, page by page."""
+    runs: dict[str, list] = {}
+    token = None
+    while True:
+        page = client.search_runs([exp_id], max_results=1000, page_token=token)
+        for run in page:
+            runs.setdefault(run.data.tags.get(RUN_KEY_TAG, ""), []).append(run)
+        token = page.token
+        if not token:
+            runs.pop("", None)
+            return runs
+
+
 def logged_keys(uri: str, experiment: str) -> set[str]:
     """Run keys of the FINISHED runs of ``experiment`` (empty when it does not exist)."""
     from mlflow.tracking import MlflowClient
@@ -217,30 +244,39 @@ def logged_keys(uri: str, experiment: str) -> set[str]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return set()
-    keys: set[str] = set()
-    token = None
-    while True:
-        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000, page_token=token)
-        keys.update(run.data.tags.get(RUN_KEY_TAG, "") for run in page)
-        token = page.token
-        if not token:
-            return keys - {""}
+    return {key for key, runs in _runs_by_key(client, exp.experiment_id).items()
+            if any(run.info.status == "FINISHED" for run in runs)}
 
 
 def sync_runs(uri: str, experiment: str, records: Iterable[Mapping[str, Any]], *, timeout_s: float = 60.0) -> dict[str, int]:
     """Log every record that MLflow lacks (its params are the record's resolved config, its
     curve the record's train loss); returns counts ``{"records", "already", "logged",
-    "failed"}``. Stops at the first failure: the server is likely down again."""
+    "failed"}``. The experiment's runs are listed once; a half-logged run (not FINISHED) of a
+    missing record is deleted before the record is logged again. Stops at the first failure:
+    the server is likely down again."""
+    from mlflow.tracking import MlflowClient
+
     _bound_http_retries()
     records = list(records)
-    ok, have = _with_deadline(lambda: logged_keys(uri, experiment), timeout_s, "listing logged runs")
+    client = MlflowClient(tracking_uri=uri)
+
+    def listing():
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else init_experiment(uri, experiment)
+        return exp_id, _runs_by_key(client, exp_id)
+
+    ok, listed = _with_deadline(listing, timeout_s, "listing logged runs")
     if not ok:
         return {"records": len(records), "already": 0, "logged": 0, "failed": len(records)}
+    exp_id, runs = listed
+    have = {key for key, found in runs.items() if any(run.info.status == "FINISHED" for run in found)}
     missing = [r for r in records if r["run_key"] not in have]
     logged = 0
     for record in missing:
         params = json.loads(record["config_json"])
-        if log_run(uri, experiment, record, params, record["train_loss"], timeout_s=timeout_s) is None:
+        work = lambda: _log(uri, experiment, record, params, record["train_loss"], client=client,  # noqa: E731
+                            exp_id=exp_id, earlier=runs.get(record["run_key"], []))
+        if not _with_deadline(work, timeout_s, f"logging {record['run_key']}")[0]:
             break
         logged += 1
     counts = {"records": len(records), "already": len(records) - len(missing), "logged": logged, "failed": len(missing) - logged}
