@@ -488,6 +488,15 @@ class GroupLassoSPFisher(GroupLassoSP):
     def _prox(self, d, t, f):
         return _fisher_group_prox_rows(d, f, t)
 
+    def _floored(self, f: Tensor) -> bool:
+        """Whether F ≥ 1e-30 everywhere in ``f`` (the solver then need not floor it), checked
+        once per tensor and version: the Fisher does not change while training."""
+        cache = self.__dict__.setdefault("_floored_cache", {})
+        key = (id(f), f._version, f.device)
+        if key not in cache:
+            cache[key] = bool(f.min() >= 1e-30)
+        return cache[key]
+
     @torch.no_grad()
     def prox_(self, lr: float) -> None:
         if self.variant != "prox" or not self.alpha:
@@ -501,14 +510,23 @@ class GroupLassoSPFisher(GroupLassoSP):
                     us = _fisher_prox_single(diffs, [fishers[i] for i in single], lr * self.alpha)
                     for i, u in zip(single, us):
                         torch.add(refs[i], u, out=params[i])
-                for p, w0, f in zip(params, refs, fishers):
-                    if p.ndim < 2 or not p.numel():
-                        continue
+                multi = [(p, w0, f) for p, w0, f in zip(params, refs, fishers) if p.ndim >= 2 and p.numel()]
+                if not multi:
+                    continue
+                # one workspace: a block's departure d and the solver's three scratch tensors
+                size = max(p.numel() if not p.is_contiguous() else _block_numel(p) for p, _, _ in multi)
+                work = torch.empty(4 * size, dtype=params[0].dtype, device=params[0].device)
+                for p, w0, f in multi:
+                    floored = self._floored(f)
                     if p.is_contiguous():  # by blocks of rows, in place
                         for sl in _row_slices(p):
-                            _fisher_prox_rows_add(w0[sl], p[sl] - w0[sl], f[sl], lr * self.alpha, out=p[sl])
+                            n = (sl.stop - sl.start) * p[0].numel()
+                            d = torch.sub(p[sl], w0[sl], out=work[:n].view(p[sl].shape))
+                            _fisher_prox_rows_add(w0[sl], d, f[sl], lr * self.alpha, out=p[sl], work=work[size:],
+                                                  floor_checked=floored)
                     else:
-                        p.copy_(_fisher_prox_rows_add(w0, p - w0, f, lr * self.alpha))
+                        p.copy_(_fisher_prox_rows_add(w0, p - w0, f, lr * self.alpha, work=work[size:],
+                                                      floor_checked=floored))
                 continue
             diffs = torch._foreach_sub(params, refs)
             for p, w0, u in zip(params, refs, _fisher_group_prox(diffs, fishers, lr * self.alpha)):
@@ -520,6 +538,12 @@ class GroupLassoSPFisher(GroupLassoSP):
 #: The CPU paths take a tensor of groups in blocks of rows of at most this many bytes, so that
 #: the several passes over a block find it in the core's (L2) cache.
 _BLOCK_BYTES = 1 << 20
+
+
+def _block_numel(t: Tensor) -> int:
+    """Elements of the largest block of :func:`_row_slices` of ``t``."""
+    sl = _row_slices(t)[0]
+    return (sl.stop - sl.start) * t[0].numel()
 
 
 def _row_slices(t: Tensor) -> list[slice]:
@@ -627,13 +651,15 @@ def _group_grad_flat_(
 # -- the proximal map of the Fisher-weighted group norm ----------------------------------------------
 
 
-def _fisher_prox_mu(a: Tensor, f: Tensor, ts, group_sum=None, expand=None, max_iterations: int = 100) -> Tensor:
+def _fisher_prox_mu(a: Tensor, f: Tensor, ts, group_sum=None, expand=None, max_iterations: int = 100,
+                    work: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Per group g, the root μ ≥ 0 of N(μ) = ts_g, where N(μ)² = Σ_{j∈g} a_j/(μ + f_j)²,
     a = F d², f = F > 0. μ = 1/λ of the proximal map (λ‖F^½u(λ)‖ = ‖F^½d/(μ + F)‖); N falls
     from N(0) = (Σ d²/F)^½ to 0, so the root is positive where N(0) > ts_g; elsewhere (the zero
     groups) the result is 0. The groups are the rows of ``a`` and ``f`` (``ts`` a number), or
     any layout given by ``group_sum`` (elementwise tensor → one value per group) and ``expand``
-    (one value per group → elementwise), with ``ts`` per group.
+    (one value per group → elementwise), with ``ts`` per group. ``work``: two scratch tensors
+    shaped like ``a`` (allocated when None).
 
     Newton's method on φ(μ) = 1/N(μ) − 1/ts_g: φ increases and is concave (Cauchy–Schwarz:
     (Σ a/x³)² ≤ Σ a/x² · Σ a/x⁴), so from any point left of the root the iterates rise
@@ -656,7 +682,7 @@ def _fisher_prox_mu(a: Tensor, f: Tensor, ts, group_sum=None, expand=None, max_i
     hi = sum_a.sqrt() / ts
     lo = torch.zeros_like(hi)
     mu = (hi - group_sum(a * f) / sum_a.clamp_min(torch.finfo(a.dtype).tiny)).clamp_min_(0)  # 0 where d = 0
-    r, v = torch.empty_like(a), torch.empty_like(a)
+    r, v = work if work is not None else (torch.empty_like(a), torch.empty_like(a))
     for _ in range(max_iterations):
         torch.add(f, expand(mu), out=r)  # μ + F
         s2 = group_sum(torch.div(a, r, out=v).div_(r))
@@ -682,37 +708,50 @@ def _fisher_group_prox_rows(d: Tensor, f: Tensor, t: float) -> Tensor:
     return _fisher_prox_rows_add(None, d, f, t)
 
 
-def _fisher_prox_rows_add(base: Tensor | None, d: Tensor, f: Tensor, t: float, out: Tensor | None = None) -> Tensor:
+def _fisher_prox_rows_add(
+    base: Tensor | None,
+    d: Tensor,
+    f: Tensor,
+    t: float,
+    out: Tensor | None = None,
+    work: Tensor | None = None,
+    floor_checked: bool = False,
+) -> Tensor:
     """``base + u`` with u the proximal map of :func:`_fisher_group_prox_rows` at d (u alone
-    when ``base`` is None), written into ``out`` (contiguous) if given. Only the groups that
-    the zero test leaves nonzero go through the iteration; the others are copied from
-    ``base`` (or set to 0)."""
+    when ``base`` is None), written into ``out`` (contiguous, not overlapping d) if given.
+    ``work``: scratch space of at least 3·d.numel() elements (allocated when None);
+    ``floor_checked``: the caller knows that F ≥ 1e-30 everywhere (else F is floored there).
+    Only the groups that the zero test leaves nonzero go through the iteration; the others
+    are copied from ``base`` (or set to 0)."""
     if out is None:
         out = torch.empty_like(d, memory_format=torch.contiguous_format)
     rows, out_rows = _groups(d), _groups(out)
     if t == 0 or not rows.numel():
         return out.copy_(d) if base is None else torch.add(base, d, out=out)
     fr = _groups(f)
-    if bool(fr.min() < 1e-30):
+    if not floor_checked and bool(fr.min() < 1e-30):
         fr = fr.clamp_min(1e-30)
+    n = rows.numel()
+    if work is None or work.numel() < 3 * n:
+        work = torch.empty(3 * n, dtype=d.dtype, device=d.device)
+    sq, r, v = (work[i * n : (i + 1) * n].view(rows.shape) for i in range(3))
     ts = t * math.sqrt(rows.shape[1])
-    sq = rows * rows
-    work = torch.div(sq, fr)
-    live = (work.sum(dim=1) > ts * ts).nonzero().squeeze(1)  # the others: u = 0
+    torch.mul(rows, rows, out=sq)
+    live = (torch.div(sq, fr, out=v).sum(dim=1) > ts * ts).nonzero().squeeze(1)  # the others: u = 0
     n_live, n_rows = live.numel(), rows.shape[0]
     if n_live < n_rows:
         if not n_live:
             return out.zero_() if base is None else out.copy_(base)
-        rows, fr, sq, work = rows[live], fr[live], sq[live], work[:n_live]
-    mu = _fisher_prox_mu(sq.mul_(fr), fr, ts).unsqueeze(1)
-    u = torch.div(mu, torch.add(fr, mu, out=work), out=work).mul_(rows)  # μ d/(μ + F)
+        rows, fr, sq, r, v = rows[live], fr[live], sq[live], r[:n_live], v[:n_live]
+    mu = _fisher_prox_mu(sq.mul_(fr), fr, ts, work=(r, v)).unsqueeze(1)
+    ratio = torch.div(mu, torch.add(fr, mu, out=r), out=r)  # μ/(μ + F)
     if n_live < n_rows:
         out.zero_() if base is None else out.copy_(base)
-        out_rows.index_add_(0, live, u)
+        out_rows.index_add_(0, live, torch.mul(rows, ratio, out=v))
     elif base is None:
-        out_rows.copy_(u)
+        torch.mul(rows, ratio, out=out_rows)
     else:
-        torch.add(_groups(base), u, out=out_rows)
+        torch.addcmul(_groups(base), rows, ratio, out=out_rows)
     return out
 
 
