@@ -23,7 +23,6 @@ def select_setting(record_paths, out_path, rung_paths=()) -> dict:
     """Choose one method's setting for a (source, target) from its validation records, with
     the same rule as the report's selection table; write it with every candidate's score (and,
     with successive halving, each earlier rung's outcome, ``rung_paths`` from :func:`halve`)."""
-
     frame = records_to_frame(read_record(p) for p in record_paths)
     chosen = selected_settings(frame)
     if len(chosen) != 1:
@@ -49,7 +48,6 @@ def halve(record_paths, out_path, *, rung: int, eta: int) -> dict:
     their validation records (the selection table's rule), keep the best ceil(n / eta) for
     the next rung (ties: report order, as for the selected setting); write them with every
     candidate's score. A candidate without a score is dropped; with none scored it fails."""
-
     frame = records_to_frame(read_record(p) for p in record_paths)
     scores = selection_table(frame)
     if scores[["source", "target", "method"]].drop_duplicates().shape[0] != 1:

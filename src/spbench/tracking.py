@@ -155,8 +155,7 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
 
     client = client or MlflowClient(tracking_uri=uri)
     if exp_id is None:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else init_experiment(uri, experiment)
+        exp_id = _experiment_id(client, uri, experiment)
     key = record["run_key"]
     if earlier is None:
         earlier = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'")
@@ -222,6 +221,17 @@ def try_init_experiment(uri: str, experiment: str, *, timeout_s: float = 60.0) -
     return exp_id if ok else None
 
 
+def _experiment_id(client, uri: str, experiment: str) -> str:
+    """The experiment's id, created (:func:`init_experiment`) when it does not exist yet."""
+    exp = client.get_experiment_by_name(experiment)
+    return exp.experiment_id if exp is not None else init_experiment(uri, experiment)
+
+
+def _finished_keys(runs: Mapping[str, list]) -> set[str]:
+    """The keys of :func:`_runs_by_key` that hold a FINISHED run."""
+    return {key for key, found in runs.items() if any(run.info.status == "FINISHED" for run in found)}
+
+
 def _runs_by_key(client, exp_id: str) -> dict[str, list]:
     """Every (not deleted) run of the experiment, by run key: one listing, page by page."""
     runs: dict[str, list] = {}
@@ -244,8 +254,7 @@ def logged_keys(uri: str, experiment: str) -> set[str]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return set()
-    return {key for key, runs in _runs_by_key(client, exp.experiment_id).items()
-            if any(run.info.status == "FINISHED" for run in runs)}
+    return _finished_keys(_runs_by_key(client, exp.experiment_id))
 
 
 def sync_runs(uri: str, experiment: str, records: Iterable[Mapping[str, Any]], *, timeout_s: float = 60.0) -> dict[str, int]:
@@ -261,15 +270,14 @@ def sync_runs(uri: str, experiment: str, records: Iterable[Mapping[str, Any]], *
     client = MlflowClient(tracking_uri=uri)
 
     def listing():
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else init_experiment(uri, experiment)
+        exp_id = _experiment_id(client, uri, experiment)
         return exp_id, _runs_by_key(client, exp_id)
 
     ok, listed = _with_deadline(listing, timeout_s, "listing logged runs")
     if not ok:
         return {"records": len(records), "already": 0, "logged": 0, "failed": len(records)}
     exp_id, runs = listed
-    have = {key for key, found in runs.items() if any(run.info.status == "FINISHED" for run in found)}
+    have = _finished_keys(runs)
     missing = [r for r in records if r["run_key"] not in have]
     logged = 0
     for record in missing:
