@@ -181,6 +181,36 @@ def final_outputs():
     return [f"{RESULTS}/runs.parquet", *analysis_tables().values(), *report_files(), *logged]
 
 
+_FORKSERVER = []
+
+
+def start_forkserver():
+    """Start the fork server of a local run (config ``forkserver``), and name its socket to
+    the jobs (their environment); on a cluster, in a dry run or with it off, nothing."""
+    if not (config["forkserver"] and workflow.local_exec and not workflow.dryrun):
+        return
+    from spbench import forkserver
+
+    try:
+        # and what the preamble of a job's script imports
+        preload = (*forkserver.PRELOAD, "snakemake.iocontainers", "snakemake.logging", "snakemake.shell")
+        proc, path = forkserver.start(Path(".snakemake") / "spbench", preload=preload, wait=False)
+    except (OSError, RuntimeError) as err:
+        print(f"spbench: no fork server ({err}); each job starts its own interpreter", file=sys.stderr)
+        return
+    _FORKSERVER[:] = [proc, path]
+    os.environ[forkserver.ENV] = path
+
+
+def stop_forkserver():
+    if _FORKSERVER:
+        from spbench import forkserver
+
+        os.environ.pop(forkserver.ENV, None)
+        forkserver.stop(*_FORKSERVER)
+        _FORKSERVER.clear()
+
+
 def print_summary():
     """After a successful run: where the tables and figures are, their headline, and how to
     open the MLflow runs (spbench.reports.summary)."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from spbench import forkserver
 from spbench.config import RunSpec, validate_config
 from spbench.methods import MethodContext, make_method
 from spbench.models import build_model, split_parameters
@@ -147,17 +148,33 @@ def _paths(root: Path, name: str) -> dict:
     }
 
 
-def _child(config: dict, paths: dict) -> subprocess.Popen:
+def _child(config: dict, paths: dict, server: str | None = None) -> subprocess.Popen:
+    """The fine-tune in a process of its own, or, given a fork server's socket, in a fork of
+    that server (as a local workflow run starts its jobs)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     arg = json.dumps({"config": config, "spec": SPEC.wildcards, "paths": paths})
-    return subprocess.Popen([sys.executable, "-c", CHILD, arg], stderr=subprocess.PIPE, text=True, env=env)
+    if server is None:
+        return subprocess.Popen([sys.executable, "-c", CHILD, arg], stderr=subprocess.PIPE, text=True, env=env)
+    script = Path(paths["record_out"]).parent.parent / "job.py"
+    script.write_text("from spbench.forkserver import delegate\ndelegate()\n" + CHILD)
+    env[forkserver.ENV] = server
+    return subprocess.Popen([sys.executable, str(script), arg], stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, path = forkserver.start(tmp_path_factory.mktemp("forkserver"), preload=("spbench.pipeline",))
+    yield path
+    forkserver.stop(proc, path)
 
 
 @pytest.mark.e2e
-def test_sigterm_mid_run_then_resume_gives_the_uninterrupted_record(prepared):
+@pytest.mark.parametrize("via", ["own process", "fork server"])
+def test_sigterm_mid_run_then_resume_gives_the_uninterrupted_record(prepared, via, request):
     root, config = prepared
-    paths = _paths(root, "interrupted")
-    child = _child(config, paths)
+    server = request.getfixturevalue("server") if via == "fork server" else None
+    paths = _paths(root, f"interrupted-{via.replace(' ', '-')}")
+    child = _child(config, paths, server)
     lines = []
     for line in child.stderr:  # wait until training is under way, then preempt it
         lines.append(line)
@@ -178,13 +195,13 @@ def test_sigterm_mid_run_then_resume_gives_the_uninterrupted_record(prepared):
     fisher_keys = [k for k in state["method"] if k.startswith("penalty.fisher.")]
     assert w0_keys and len(w0_keys) == len(fisher_keys) and len(state["method"]) == 2 * len(w0_keys)
 
-    rerun = _child(config, paths)
+    rerun = _child(config, paths, server)
     log = rerun.stderr.read()
     assert rerun.wait(timeout=300) == 0, log
     assert f"resuming from step {state['step']}" in log
     assert not Path(paths["checkpoint_path"]).exists(), "the checkpoint outlived the finished run"
 
-    clean = _paths(root, "uninterrupted")
+    clean = _paths(root, f"uninterrupted-{via.replace(' ', '-')}")
     record, _ = finetune_run(config, SPEC, **clean)
     resumed = read_record(paths["record_out"])
     assert {k: v for k, v in resumed.items() if k not in COST_FIELDS} == {

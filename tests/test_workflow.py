@@ -193,6 +193,27 @@ def test_long_steps_log_their_progress(finished_workflow):
     assert "Fisher: 64/64 images (100%)" in (finished_workflow / "logs" / "fisher" / "digits-src.log").read_text()
 
 
+def test_heavy_jobs_ran_in_the_fork_server(finished_workflow):
+    """Each local run started a fork server (spbench.forkserver): the journals list every heavy
+    job (tasks, source, Fisher, the fine-tune groups), each exited 0; the servers are gone, and
+    so are their sockets."""
+    journals = list((finished_workflow / ".snakemake" / "spbench").glob("forkserver-*.log"))
+    assert journals
+    lines = [line for journal in journals for line in journal.read_text().splitlines()]
+    started = [line for line in lines if " started: " in line]
+    for name in ("finetune", "build_source", "estimate_fisher", "prepare_task"):
+        assert any(f".{name}.py" in line for line in started), (name, lines)
+    pids = {line.split()[2] for line in started}
+    assert {line.split()[2] for line in lines if line.endswith(" exited 0")} == pids
+    assert not list((finished_workflow / ".snakemake" / "spbench").glob("*.sock"))
+    assert not _runs(f"-m spbench.forkserver {finished_workflow}")
+
+
+def _runs(pattern: str) -> bool:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
 def test_lint_is_clean(tmp_path):
     """`snakemake --lint` finds nothing to say about the workflow."""
     shutil.copy(REPO / "config" / "tiny.yaml", tmp_path / "tiny.yaml")

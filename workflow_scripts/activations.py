@@ -1,4 +1,8 @@
 """Rule activations: Fig. 4's R² per unit, fine-tuned vs pretrained, on target test images."""
+from spbench.forkserver import delegate
+
+delegate()  # a local run forks this job from its fork server, torch imported there already
+
 from pathlib import Path
 
 from spbench.pipeline import activation_table, setup_logging

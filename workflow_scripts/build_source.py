@@ -1,4 +1,8 @@
 """Rules pretrain_source / source_from_file / source_from_download: make the source network and evaluate it."""
+from spbench.forkserver import delegate
+
+delegate()  # a local run forks this job from its fork server, torch imported there already
+
 from pathlib import Path
 
 from spbench.pipeline import build_source, setup_logging

@@ -1,4 +1,8 @@
 """Rule estimate_fisher: diagonal Fisher of a source network on its source data."""
+from spbench.forkserver import delegate
+
+delegate()  # a local run forks this job from its fork server, torch imported there already
+
 from pathlib import Path
 
 from spbench.pipeline import compute_fisher, setup_logging

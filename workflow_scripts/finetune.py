@@ -1,6 +1,10 @@
 """Rules finetune_{experiment}: one run group's fine-tunes, one after the other -> their records
 (the source of truth), then MLflow. On SIGTERM the running fine-tune checkpoints and fails
 (spbench.train.Preempted); the retry restores the finished ones and resumes it."""
+from spbench.forkserver import delegate
+
+delegate()  # a local run forks this job from its fork server, torch imported there already
+
 from pathlib import Path
 
 from spbench.config import RunSpec

@@ -1,5 +1,9 @@
 """Rule overhead: FLOPs and time of one training step with each penalty (section 4.4.1),
 for the source's architecture at its source task's image size."""
+from spbench.forkserver import delegate
+
+delegate()  # a local run forks this job from its fork server, torch imported there already
+
 import json
 from pathlib import Path
 

@@ -58,6 +58,7 @@ class ConfigError(ValueError):
 
 #: Values used where the config is silent. Documented in config.yaml.
 DEFAULTS: dict[str, Any] = {
+    "forkserver": True,
     "tracking": {"timeout_s": 60, "log_from": "jobs"},
     "fisher": {"samples": 1, "split": "train", "batch_size": 64, "seed": 0},
     "finetune": {
@@ -88,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
 
 #: Defaults inside optional sections, applied only when the section is present.
 SECTION_DEFAULTS: dict[str, Any] = {
+    "forkserver": True,
     "selection": {"folds": 5, "use_folds": 1, "replicates": 1},
     "figures": {
         "alpha_beta": {"method": "l2_sp", "replicates": 1},
