@@ -13,6 +13,9 @@ start of training to the record, evaluation included). Reported:
   ratio        wall / (in-job / cores): 1.0 means no cost beyond the fine-tunes' own time
   scheduler    CPU seconds of the snakemake process itself (DAG, checkpoints' re-evaluation,
                job dispatch), which share the cores with the jobs
+  calibration  milliseconds per training step of the demo network (batch 32, 16 px, one
+               thread, plain SGD), timed before the workflow: machines of the same name differ
+               by more than 2x, and this says which kind of machine the numbers come from
 
 Run it on an otherwise idle machine: other load inflates both numbers unevenly.
 
@@ -83,9 +86,45 @@ def _own_cpu_seconds(proc: subprocess.Popen) -> float:
     return cpu
 
 
+def calibrate(steps: int = 100) -> float:
+    """Median milliseconds of a plain training step of the demo network (batch 32, 16x16, one
+    thread), in a fresh interpreter, over 3 rounds of ``steps`` after a warm-up round."""
+    code = f"""
+import statistics, time, torch
+from spbench.models import build_model
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = build_model("demo_resnet", 3, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 3, (32,))
+rounds = []
+for _ in range(4):
+    began = time.perf_counter()
+    for _ in range({steps}):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    rounds.append((time.perf_counter() - began) / {steps} * 1000)
+print(statistics.median(rounds[1:]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def measure(config: Path, cores: int, workdir: Path) -> dict:
     from spbench.results import read_parquet
 
+    calibration = calibrate()
     wall, jobs, scheduler_cpu = run_workflow(config, cores, workdir)
     runs = read_parquet(workdir / "results" / "runs.parquet")
     # one row per training: a validation run that scored several post-hoc values (WiSE-FT's a)
@@ -94,7 +133,8 @@ def measure(config: Path, cores: int, workdir: Path) -> dict:
     in_job = float(runs["wall_seconds"].sum())
     return {
         "config": str(config),
-        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
+        "machine": f"{_cpu_name()}, {platform.machine()}, {os.cpu_count()} logical CPUs",
+        "calibration_step_ms": calibration,
         "cores": cores,
         "jobs": jobs,
         "finetunes": len(runs),
@@ -125,6 +165,8 @@ def main(argv=None) -> int:
     print(f"in-job / cores           {result['in_job_per_core_s']:8.1f} s")
     print(f"ratio wall / (in-job / cores)  {result['ratio']:.2f}")
     print(f"snakemake's own CPU time {result['scheduler_cpu_s']:8.1f} s (the scheduler itself, not its jobs)")
+    print(f"calibration              {result['calibration_step_ms']:8.1f} ms per demo-network training step "
+          "(batch 32, 1 thread)")
     return 0
 
 

@@ -192,8 +192,10 @@ def start_forkserver():
     from spbench import forkserver
 
     try:
-        # and what the preamble of a job's script imports
+        # and what the preamble of a job's script imports; MLflow where the fine-tunes log
         preload = (*forkserver.PRELOAD, "snakemake.iocontainers", "snakemake.logging", "snakemake.shell")
+        if config["tracking"]["log_from"] == "jobs":
+            preload += ("mlflow", "spbench.tracking")
         proc, path = forkserver.start(Path(".snakemake") / "spbench", preload=preload, wait=False)
     except (OSError, RuntimeError) as err:
         print(f"spbench: no fork server ({err}); each job starts its own interpreter", file=sys.stderr)

@@ -1,8 +1,9 @@
 # The fine-tunes, by run group (spbench.config.run_groups): one job per (experiment, source,
 # target, method, setting, freeze depth) trains the group's runs (its evaluations × replicates)
 # one after the other in one process, so that starting Python and importing torch is paid once
-# per group, not per run. Each run keeps its own output path, which spells its identity (the
-# run's seed is derived from it), its record, log and checkpoint. The fine-tuned classifier is
+# per group, not per run (in a local run, not at all: the job forks from spbench.forkserver).
+# Each run keeps its own output path, which spells its identity (the run's seed is derived
+# from it), its record, log and checkpoint. The fine-tuned classifier is
 # kept only while a later job needs it (Fig. 4). A preempted run (SIGTERM) leaves a checkpoint
 # and fails the job; the retry restores the group's finished runs and resumes the preempted one.
 

@@ -179,3 +179,14 @@ def test_sigkill_of_the_server_fails_the_waiting_job(job, tmp_path):
         time.sleep(0.05)
     assert marker.read_text() == "terminated"
     forkserver.stop(proc_server, path)
+
+
+def test_a_preload_that_starts_a_thread_is_not_served(tmp_path, monkeypatch):
+    """A fork keeps only the forking thread: a module whose import starts another would leave
+    its locks to hang in every job, so the server refuses to serve (the jobs run in their own
+    processes)."""
+    (tmp_path / "threaded_module.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True, name='sleeper').start()\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    with pytest.raises(RuntimeError, match="exited"):
+        forkserver.start(tmp_path / "s", preload=("threaded_module",), timeout_s=60)

@@ -173,6 +173,11 @@ def serve(path: str, preload=PRELOAD, parent: int | None = None) -> None:
         for name in preload:
             if name:
                 importlib.import_module(name)
+        import threading
+
+        if threading.active_count() > 1:  # a fork keeps only this thread: the others' locks would hang
+            names = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
+            raise RuntimeError(f"preloading {list(preload)} started threads {names}; not serving")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = f"{path}.{os.getpid()}"
         listener.bind(tmp)
