@@ -38,6 +38,7 @@ def test_default_config_is_valid_and_gets_defaults(demo):
     config = validate_config(demo)
     assert config["fisher"]["samples"] == 1
     assert config["finetune"]["eval_batch_size"] == 512
+    assert config["forkserver"] is True
     assert load_config(REPO / "config" / "tiny.yaml")["grid"]["freeze"] == [0]
 
 
@@ -45,6 +46,7 @@ def test_default_config_is_valid_and_gets_defaults(demo):
     "edit, key",
     [
         (lambda c: c.update(resultz="x"), "resultz"),
+        (lambda c: c.update(forkserver="false"), "forkserver"),  # what `--config forkserver=false` passes
         (lambda c: c["finetune"].update(lr=-0.1), "finetune.lr"),
         (lambda c: c["finetune"].update(bn_mode="frozen"), "finetune.bn_mode"),
         (lambda c: c["grid"]["methods"].update(l3={"alpha": [1.0], "beta": [0.0]}), "grid.methods.l3"),

@@ -89,7 +89,6 @@ DEFAULTS: dict[str, Any] = {
 
 #: Defaults inside optional sections, applied only when the section is present.
 SECTION_DEFAULTS: dict[str, Any] = {
-    "forkserver": True,
     "selection": {"folds": 5, "use_folds": 1, "replicates": 1},
     "figures": {
         "alpha_beta": {"method": "l2_sp", "replicates": 1},
