@@ -22,15 +22,16 @@ import json, os, signal, sys, time
 from spbench.forkserver import delegate, in_worker
 delegate()
 mode = sys.argv[1]
-print(json.dumps({"worker": in_worker(), "cwd": os.getcwd(), "pid": os.getpid(), "argv": sys.argv[1:],
-                  "env": os.environ.get("JOB_VAR"), "server": os.environ.get("SPBENCH_FORKSERVER"),
-                  "tmp": __import__("tempfile").gettempdir()}), flush=True)
-print("on stderr", file=sys.stderr, flush=True)
 if mode == "wait":  # until SIGTERM, which writes a marker and exits 7 (as a preempted job fails)
     def on_term(signum, frame):
         open(sys.argv[2], "w").write("terminated")
         sys.exit(7)
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_term)  # before the line the test waits for
+print(json.dumps({"worker": in_worker(), "cwd": os.getcwd(), "pid": os.getpid(), "argv": sys.argv[1:],
+                  "env": os.environ.get("JOB_VAR"), "server": os.environ.get("SPBENCH_FORKSERVER"),
+                  "tmp": __import__("tempfile").gettempdir()}), flush=True)
+print("on stderr", file=sys.stderr, flush=True)
+if mode == "wait":
     while True:
         time.sleep(0.05)
 if mode == "raise":

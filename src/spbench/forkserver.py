@@ -102,17 +102,13 @@ def _wait_for_child(conn: socket.socket, pid: int) -> int:
     for sig in FORWARDED:
         signal.signal(sig, forward)
     conn.settimeout(None)
-    while True:
-        try:
-            reply = _recv(conn)
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
-            continue
-        except (OSError, ValueError):
-            # the server is gone: the child's fate is unknown; stop it rather than leave it
-            forward(signal.SIGTERM, None)
-            print("spbench.forkserver: lost the server while the job ran", file=sys.stderr)
-            return 1
+    try:
+        reply = _recv(conn)  # a forwarded signal does not interrupt it (PEP 475)
+    except (OSError, ValueError):
+        # the server is gone: the child's fate is unknown; stop it rather than leave it
+        forward(signal.SIGTERM, None)
+        print("spbench.forkserver: lost the server while the job ran", file=sys.stderr)
+        return 1
     code = reply["exit"]
     return 128 - code if code < 0 else code
 
@@ -344,7 +340,8 @@ def _send(conn: socket.socket, message: dict, fds: list[int] | None = None) -> N
     if fds:
         sent = socket.send_fds(conn, [payload], fds)
         payload = payload[sent:]
-    conn.sendall(payload)
+    if payload:  # (an empty send to a peer that has answered and closed would fail)
+        conn.sendall(payload)
 
 
 def _recv(conn: socket.socket, with_fds: int = 0):
