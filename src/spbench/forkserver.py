@@ -53,6 +53,14 @@ _HEADER = struct.Struct("!I")
 _IN_WORKER = False
 
 
+def _kill(pid: int, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to ``pid``, which may have exited already."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def in_worker() -> bool:
     """Whether this process is a job forked by the server."""
     return _IN_WORKER
@@ -94,10 +102,7 @@ def _wait_for_child(conn: socket.socket, pid: int) -> int:
     signal for a child killed by one, as a shell reports it)."""
 
     def forward(signum, _frame):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+        _kill(pid, signum)
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
@@ -195,18 +200,12 @@ def serve(path: str, preload=PRELOAD, parent: int | None = None) -> None:
                         children[pid] = conn
                         sel.register(conn, selectors.EVENT_READ, pid)
                 else:  # a waiting job's connection is readable only when it closed: it died
-                    try:
-                        os.kill(key.data, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
+                    _kill(key.data)
                     sel.unregister(key.fileobj)
             _reap(children, sel, journal)
     finally:
         for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _kill(pid)
         listener.close()
         journal.close()
         if os.path.exists(path):
@@ -251,7 +250,7 @@ def _accept_job(conn: socket.socket, listener: socket.socket, children, journal)
     try:
         _send(conn, {"pid": pid})
     except OSError:
-        os.kill(pid, signal.SIGTERM)
+        _kill(pid)
     return pid
 
 
@@ -286,7 +285,7 @@ def _run_job(request: dict, fds: list[int]) -> None:
     code = 1
     try:
         _IN_WORKER = True
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+        for sig in (*FORWARDED, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.setpgid(0, 0)
