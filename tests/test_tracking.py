@@ -31,6 +31,33 @@ def test_log_run_once_per_identity(tmp_path):
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1.0, 0.5, 0.25]
 
 
+def test_local_store_failure_is_retried_and_leaves_no_running_run(tmp_path, monkeypatch):
+    """A local store whose write fails once mid-run: the half-logged run is marked FAILED, not
+    left RUNNING; the next attempt replaces it, and one FINISHED run remains."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = init_experiment(uri, "t")
+    real = MlflowClient.log_batch
+    failures = []
+
+    def flaky(self, run_id, **kwargs):
+        if not failures:
+            failures.append(run_id)
+            raise RuntimeError("database is locked")
+        return real(self, run_id, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    record = make_record(run_key="main/s/t/l2_sp/alpha=0.1_beta=0.01_lr=0.5/freeze0/test/rep0", freeze=0)
+    run_id = log_run(uri, "t", record, {"run": {"seed": 7}}, [1.0, 0.5])
+    assert run_id is not None and failures and failures[0] != run_id
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([exp_id])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
+    assert client.get_run(failures[0]).info.lifecycle_stage == "deleted"  # the failed attempt, replaced
+
+
 def test_unreachable_server_does_not_raise_or_hang(monkeypatch):
     """A tracking server that is down yields None within the deadline instead of an error."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

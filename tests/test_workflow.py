@@ -108,7 +108,10 @@ def test_mlflow_has_one_run_per_record(finished_workflow):
     assert len(tracked) == len(runs) == len(by_key)
     for row in runs.itertuples():
         run = by_key[row.run_key]
-        assert run.info.status == "FINISHED"
+        if run.info.status != "FINISHED":  # what the jobs said about MLflow, to tell why
+            said = [line for log in (finished_workflow / "logs").rglob("*.log") for line in log.read_text().splitlines()
+                    if "MLflow" in line or "mlflow" in line]
+            pytest.fail(f"run {row.run_key} is {run.info.status}; the jobs' logs on MLflow:\n" + "\n".join(said[-40:]))
         assert run.data.metrics["test_accuracy"] == pytest.approx(row.test_accuracy)
         assert run.data.metrics["source_accuracy_drop"] == pytest.approx(row.source_accuracy_drop)
         assert run.data.tags["method"] == row.method

@@ -39,6 +39,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "spbench.run_key"
+#: Tries of :func:`log_run` on a local store (SQLite, files), where a failure is not an outage.
+LOCAL_ATTEMPTS = 3
 #: Outcome columns of the record logged as final metrics.
 FINAL_METRICS = (
     "test_accuracy",
@@ -150,7 +152,6 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
     """Log one run. ``client``, ``exp_id`` and ``earlier`` (the runs MLflow already holds under
     the record's key) may come from a caller that logs many runs and has listed them once;
     by default they are looked up here."""
-    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     client = client or MlflowClient(tracking_uri=uri)
@@ -170,6 +171,22 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
     end_ms = int(1000 * record["ended_at"]) if "ended_at" in record else None
     run = client.create_run(exp_id, start_time=start_ms, run_name=run_name(record), tags=tags)
     run_id = run.info.run_id
+    try:
+        _fill(client, run_id, record, params, curve, end_ms)
+    except BaseException:
+        try:  # not left RUNNING: a later attempt (or sync_runs) deletes it and logs the run anew
+            client.set_terminated(run_id, "FAILED")
+        except Exception:
+            pass
+        raise
+    return run_id
+
+
+def _fill(client, run_id: str, record: Mapping[str, Any], params: Mapping[str, Any], curve: list[float],
+          end_ms: int | None) -> None:
+    """Log a created run's metrics, params and input dataset, then mark it FINISHED."""
+    from mlflow.entities import Metric, Param
+
     now = end_ms or int(time.time() * 1000)
     metrics = [Metric("train_loss", float(v), now, step) for step, v in enumerate(curve)]
     metrics += [Metric(name, float(record[name]), now, 0) for name in FINAL_METRICS]
@@ -184,7 +201,6 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
     if dataset is not None:
         client.log_inputs(run_id, datasets=[dataset])
     client.set_terminated(run_id, "FINISHED", end_time=end_ms)
-    return run_id
 
 
 def _with_deadline(work: Callable[[], Any], timeout_s: float, what: str) -> tuple[bool, Any]:
@@ -304,8 +320,17 @@ def log_run(
     """Log one finished run; returns its MLflow run id, or None if tracking failed or timed
     out (a warning says why). Never raises for tracking trouble."""
     _bound_http_retries()
-    ok, run_id = _with_deadline(lambda: _log(uri, experiment, record, params, curve), timeout_s, f"logging {record['run_key']}")
-    return run_id if ok else None
+    # a server that fails is down (sync_runs logs the run later); a local store that fails is
+    # busy, or failed once: it is tried again
+    attempts = 1 if uri.startswith(("http://", "https://")) else LOCAL_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        what = f"logging {record['run_key']}" + (f" (attempt {attempt} of {attempts})" if attempts > 1 else "")
+        ok, run_id = _with_deadline(lambda: _log(uri, experiment, record, params, curve), timeout_s, what)
+        if ok:
+            return run_id
+        if attempt < attempts:
+            time.sleep(attempt)
+    return None
 
 
 def server_command(
