@@ -203,6 +203,11 @@ def _fill(client, run_id: str, record: Mapping[str, Any], params: Mapping[str, A
     client.set_terminated(run_id, "FINISHED", end_time=end_ms)
 
 
+def _is_server(uri: str) -> bool:
+    """Whether ``uri`` names a tracking server (whose failure is an outage) rather than a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
 def _with_deadline(work: Callable[[], Any], timeout_s: float, what: str) -> tuple[bool, Any]:
     """Run ``work`` in a daemon thread; (True, result), or (False, None) after a warning when it
     raised or outlived ``timeout_s`` (a hung request must not hold the job)."""
@@ -230,7 +235,7 @@ def try_init_experiment(uri: str, experiment: str, *, timeout_s: float = 60.0) -
     """:func:`init_experiment` that never raises: None (and a warning) when the server is down.
     The runs are then logged later by :func:`sync_runs`. A local store (SQLite) that fails is
     an error, not an outage: it raises."""
-    if not uri.startswith(("http://", "https://")):
+    if not _is_server(uri):
         return init_experiment(uri, experiment)
     _bound_http_retries()
     ok, exp_id = _with_deadline(lambda: init_experiment(uri, experiment), timeout_s, f"creating experiment {experiment!r}")
@@ -322,7 +327,7 @@ def log_run(
     _bound_http_retries()
     # a server that fails is down (sync_runs logs the run later); a local store that fails is
     # busy, or failed once: it is tried again
-    attempts = 1 if uri.startswith(("http://", "https://")) else LOCAL_ATTEMPTS
+    attempts = 1 if _is_server(uri) else LOCAL_ATTEMPTS
     for attempt in range(1, attempts + 1):
         what = f"logging {record['run_key']}" + (f" (attempt {attempt} of {attempts})" if attempts > 1 else "")
         ok, run_id = _with_deadline(lambda: _log(uri, experiment, record, params, curve), timeout_s, what)
