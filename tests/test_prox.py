@@ -48,6 +48,24 @@ def test_l1_prox_is_soft_thresholding(scale):
         np.testing.assert_allclose(p.detach().numpy(), expected, rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l1_prox_is_the_textbook_formula_to_the_bit(dtype):
+    """The one-kernel soft-thresholding gives sign(d)·max(|d| − t, 0) to the bit, at the
+    threshold itself (±t: 0), inside it, outside it, and for t = 0 (d itself)."""
+    from spbench.penalties import L1SP
+
+    g = torch.Generator().manual_seed(0)
+    t = 0.01
+    d = torch.cat([torch.randn(10_000, generator=g, dtype=dtype) * 0.02,
+                   torch.tensor([t, -t, 0.0, -0.0, 2 * t, -2 * t, 1e-30], dtype=dtype)])
+    for threshold in (t, 0.0):
+        expected = torch.sign(d) * torch.clamp(d.abs() - threshold, min=0)
+        got = L1SP._prox(None, d, threshold, None)
+        assert torch.equal(got, expected)
+        assert got.dtype == dtype
+    assert int((L1SP._prox(None, d, t, None) == 0).sum()) > 1000  # the zone |d| ≤ t is set to 0
+
+
 def test_group_prox_is_group_soft_thresholding():
     """Each output channel's departure shrinks by max(0, 1 − lr·α·√p/‖d_g‖); 1-D tensors
     elementwise (groups of one)."""
