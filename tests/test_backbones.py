@@ -15,7 +15,8 @@ from torch import nn
 
 from spbench.datasets import convert_weights
 from spbench.methods import METHODS, MethodContext, SetupData, make_method
-from spbench.methods.features import _channels_first, channel_attention
+from spbench.methods import features as features_module
+from spbench.methods.features import _channels_first, _cut_after, channel_attention
 from spbench.models import apply_freeze, build_model, freeze_depth_count, split_parameters
 from spbench.penalties import PENALTIES, NonSmoothSP, _fisher_group_prox, _groups, _group_grad_flat_, make_penalty
 from spbench.train import training_step
@@ -260,6 +261,47 @@ def test_delta_channel_attention_on_convnext():
     data = SetupData(x, torch.arange(8) % 4, batch_size=8, device=torch.device("cpu"))
     (w,) = channel_attention(src, src.feature_layers()[:1], data, 4)
     assert w.shape == (96,) and w.sum().item() == pytest.approx(1.0) and w.std() > 0
+
+
+@pytest.mark.parametrize("arch,channels,size", [("demo_resnet", 1, 16), ("resnet18", 3, 32), ("convnext_tiny", 3, 32)])
+def test_delta_attention_from_the_cut_forward_is_the_whole_forwards(arch, channels, size, monkeypatch):
+    """Where the backbone traces, the set-up pass runs the forward up to the tapped convolution
+    once per batch and only the rest per channel: the weights are those of the whole forward
+    per channel (a hook zeroing the channel), to the bit, over several batches."""
+    src = _source(arch, 4, channels)
+    if arch == "convnext_tiny":
+        with torch.no_grad():
+            for n, p in src.named_parameters():
+                if n.endswith("layer_scale"):
+                    p.uniform_(0.2, 1.0)
+    layers = src.feature_layers()[:1] if arch != "demo_resnet" else src.feature_layers()
+    assert all(_cut_after(src.backbone, name.removeprefix("backbone.")) is not None for name in layers)
+    x = torch.randn(6, channels, size, size, generator=torch.Generator().manual_seed(2))
+    data = SetupData(x, torch.arange(6) % 4, batch_size=4, device=torch.device("cpu"))  # 2 batches
+    cut = channel_attention(src, layers, data, 4)
+    monkeypatch.setattr(features_module, "_cut_after", lambda module, name: None)
+    whole = channel_attention(src, layers, data, 4)
+    assert len(cut) == len(layers) and all(torch.equal(a, b) for a, b in zip(cut, whole))
+    assert all(w.std() > 0 for w in cut)
+
+
+def test_a_forward_that_does_not_trace_is_run_whole():
+    """The ViT's forward branches on the input's shape: it does not trace, so no cut (its
+    attention comes from the whole forward, test_delta_on_vit_token_sequences); nor is a module
+    called twice cut."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            return self.conv(self.conv(x)).mean(dim=(2, 3))
+
+    vit = build_model("vit_b_16", 4, 3)
+    assert _cut_after(vit.backbone, vit.backbone.stages()[0]) is None
+    assert _cut_after(Twice(), "conv") is None
+    assert _cut_after(Twice(), "missing") is None
 
 
 # ---------------------------------------------------------------------------- group-lasso groups

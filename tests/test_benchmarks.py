@@ -93,3 +93,14 @@ def test_cuda_check_runs_its_training_checks_on_the_cpu(capsys):
     assert all(err == 0.0 for err in methods.values()), methods
     if not torch.cuda.is_available():
         assert bench.main([]) == 2
+
+
+def test_delta_setup_quick(capsys):
+    """delta_setup.py on the demo network: both variants score every channel of the three
+    tapped convolutions (16 + 32 + 64), the network traces, and the weights agree to the bit
+    (the script's exit status says so too)."""
+    res = _run("delta_setup.py", capsys)
+    assert res["arch"] == "demo_resnet" and res["traced"] is True
+    assert res["channels"] == 16 + 32 + 64 and len(res["layers"]) == 3
+    assert res["same_weights"] is True
+    assert _positive(res["cut_s"]) and _positive(res["whole_s"]) and _positive(res["whole_over_cut"])

@@ -76,6 +76,48 @@ def _channels_first(t: Tensor) -> Tensor:
     return t.transpose(1, 2) if t.ndim == 3 else t
 
 
+def _cut_after(module: nn.Module, name: str) -> tuple[nn.Module, nn.Module, int] | None:
+    """``module``'s forward cut after its submodule ``name``: ``(prefix, suffix, k)`` with
+    ``prefix(x)`` the tuple of every value that the rest of the forward reads (the output of
+    ``name`` at index k among them) and ``suffix(*values)`` the module's output from them, the
+    same operations as the whole forward (torch.fx symbolic tracing, ``name`` kept as one call).
+    None when the forward does not trace (Python control flow on tensor values or shapes, as in
+    the ViT's) or calls ``name`` other than once: the caller then runs the whole forward."""
+    import torch.fx
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return qualname == name or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(module)
+    except Exception:  # noqa: BLE001 - any failure to trace means: no cut, the whole forward
+        return None
+    nodes = list(graph.nodes)
+    calls = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == name]
+    if len(calls) != 1:
+        return None
+    before, after = nodes[: calls[0] + 1], nodes[calls[0] + 1 :]
+    later = set(after)
+    live = [n for n in before if any(user in later for user in n.users)]
+    prefix, suffix = torch.fx.Graph(), torch.fx.Graph()
+    env: dict = {}
+    for n in before:
+        env[n] = prefix.node_copy(n, env.__getitem__)
+    prefix.output(tuple(env[n] for n in live))
+    env = {n: suffix.placeholder(f"live_{i}") for i, n in enumerate(live)}
+    for n in after:
+        env[n] = suffix.node_copy(n, env.__getitem__)
+    return (torch.fx.GraphModule(module, prefix), torch.fx.GraphModule(module, suffix),
+            live.index(nodes[calls[0]]))
+
+
+def _without_channel(t: Tensor, c: int) -> Tensor:
+    t = t.clone()
+    _channels_first(t)[:, c] = 0
+    return t
+
+
 @torch.no_grad()
 def channel_attention(network: nn.Module, layers: list[str], data: SetupData, num_classes: int) -> list[Tensor]:
     """DELTA's channel attention W_j for each named convolution j of ``network`` (a classifier
@@ -88,6 +130,11 @@ def channel_attention(network: nn.Module, layers: list[str], data: SetupData, nu
        for every channel c (mean over the images);
     3. W_j = softmax_c(z_jc / 5), z_j the standardised Δ_j ((Δ − mean) / std over the layer's
        channels; z = 0 when all Δ are equal), as in DELTA's code. Each W_j sums to 1.
+
+    Step 2 runs one forward per channel. Where the backbone traces (:func:`_cut_after`: the
+    torchvision ResNets and ConvNeXts, the demo network), the part of it before convolution j
+    runs once per batch and only the rest once per channel (the same operations on the same
+    values, so the same Δ to the bit); elsewhere each channel's forward is the whole one.
     """
     with eval_mode(network):
         batches = list(data.batches())
@@ -102,19 +149,25 @@ def channel_attention(network: nn.Module, layers: list[str], data: SetupData, nu
         for name in layers:
             conv = network.get_submodule(name)
             channels = counts[name] if name in counts else conv.out_channels
-            deltas = []
-            for c in range(channels):
-                def zero_channel(module, inputs, output, c=c):
-                    output = output.clone()
-                    _channels_first(output)[:, c] = 0
-                    return output
+            cut = _cut_after(network.backbone, name.removeprefix("backbone.")) if name.startswith("backbone.") else None
+            if cut is not None:
+                prefix, suffix, k = cut
+                live = [prefix(x[i : i + bs]) for i in range(0, len(x), bs)]  # per batch, once
 
-                handle = conv.register_forward_hook(zero_channel)
-                try:
-                    deltas.append(nn.functional.cross_entropy(probe(_features(network.backbone, x, bs)), y) - base)
-                finally:
-                    handle.remove()
-            d = torch.stack(deltas).double()
+                def loss_without(c: int) -> Tensor:
+                    out = [suffix(*values[:k], _without_channel(values[k], c), *values[k + 1 :]) for values in live]
+                    return nn.functional.cross_entropy(probe(torch.cat(out)), y)
+            else:
+                def loss_without(c: int) -> Tensor:
+                    def zero_channel(module, inputs, output):
+                        return _without_channel(output, c)
+
+                    handle = conv.register_forward_hook(zero_channel)
+                    try:
+                        return nn.functional.cross_entropy(probe(_features(network.backbone, x, bs)), y)
+                    finally:
+                        handle.remove()
+            d = torch.stack([loss_without(c) - base for c in range(channels)]).double()
             sd = d.std()
             z = (d - d.mean()) / sd if sd > 0 else torch.zeros_like(d)
             weights.append(torch.softmax(z / ATTENTION_TEMPERATURE, dim=0).to(base.dtype))
