@@ -285,6 +285,38 @@ def test_delta_attention_from_the_cut_forward_is_the_whole_forwards(arch, channe
     assert all(w.std() > 0 for w in cut)
 
 
+def test_delta_cut_forward_survives_an_in_place_residual(monkeypatch):
+    """A backbone whose rest adds the tapped map into a value it kept from before the tap, in
+    place (``skip.add_(tap)``; fx traces ``skip += tap`` as an out-of-place add): each
+    channel's rest gets its own copy of that value, so the weights are still the whole
+    forward's."""
+    from spbench.models import Classifier
+
+    class Residual(nn.Module):
+        out_features = 4
+
+        def __init__(self):
+            super().__init__()
+            self.stem, self.tap = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def stages(self):
+            return ["tap"]
+
+        def forward(self, x):
+            skip = self.stem(x)
+            skip.add_(self.tap(skip.relu()))
+            return skip.mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    net = Classifier(Residual(), 3)
+    data = SetupData(torch.randn(6, 1, 8, 8), torch.arange(6) % 3, batch_size=4, device=torch.device("cpu"))
+    assert _cut_after(net.backbone, "tap") is not None
+    cut = channel_attention(net, net.feature_layers(), data, 3)
+    monkeypatch.setattr(features_module, "_cut_after", lambda module, name: None)
+    whole = channel_attention(net, net.feature_layers(), data, 3)
+    assert torch.equal(cut[0], whole[0]) and cut[0].std() > 0
+
+
 def test_a_forward_that_does_not_trace_is_run_whole():
     """The ViT's forward branches on the input's shape: it does not trace, so no cut (its
     attention comes from the whole forward, test_delta_on_vit_token_sequences); nor is a module

@@ -157,7 +157,10 @@ def channel_attention(network: nn.Module, layers: list[str], data: SetupData, nu
                 live = [prefix(x[i : i + bs]) for i in range(0, len(x), bs)]  # per batch, once
 
                 def loss_without(c: int) -> Tensor:
-                    out = [suffix(*values[:k], _without_channel(values[k], c), *values[k + 1 :]) for values in live]
+                    # every tensor the rest reads is passed as a copy: an in-place operation of
+                    # the rest on one of them (`skip.add_(…)`) must not reach the next channel
+                    out = [suffix(*(_without_channel(v, c) if i == k else v.clone() if isinstance(v, Tensor) else v
+                                    for i, v in enumerate(values))) for values in live]
                     return nn.functional.cross_entropy(probe(torch.cat(out)), y)
             else:
                 def loss_without(c: int) -> Tensor:
