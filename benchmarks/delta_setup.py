@@ -6,7 +6,7 @@ DELTA scores every channel of every tapped convolution (3,840 on a ResNet-50 or 
 source probe's loss with that channel zeroed: one forward of the attention images per channel.
 Where the backbone traces, spbench runs the part of the forward before the convolution once per
 batch and only the rest per channel (``cut``); ``whole`` is the same pass with the tracing
-turned off, a whole forward per channel, as in DELTA's code. Both run in the same process on
+turned off (``cut=False``), a whole forward per channel, as in DELTA's code. Both run in the same process on
 the same random network and images, interleaved (every repeat runs each once, in a rotating
 order, after one warm-up run of each), and must give the same weights, to the bit.
 
@@ -23,7 +23,6 @@ import json
 import statistics
 import sys
 import time
-from unittest import mock
 
 import torch
 
@@ -72,15 +71,13 @@ def main(argv=None) -> int:
     traced = all(features._cut_after(network.backbone, n.removeprefix("backbone.")) is not None for n in layers)
 
     def run(variant: str) -> tuple[float, list[torch.Tensor]]:
-        patch = mock.patch.object(features, "_cut_after", lambda module, name: None) if variant == "whole" else mock.MagicMock()
-        with patch:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            weights = features.channel_attention(network, layers, data, args.classes)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - began, [w.cpu() for w in weights]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        weights = features.channel_attention(network, layers, data, args.classes, cut=variant == "cut")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - began, [w.cpu() for w in weights]
 
     results = {v: run(v)[1] for v in VARIANTS}  # warm-up, and the weights compared
     same = all(torch.equal(a, b) for a, b in zip(results["cut"], results["whole"]))

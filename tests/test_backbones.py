@@ -15,7 +15,6 @@ from torch import nn
 
 from spbench.datasets import convert_weights
 from spbench.methods import METHODS, MethodContext, SetupData, make_method
-from spbench.methods import features as features_module
 from spbench.methods.features import _channels_first, _cut_after, channel_attention
 from spbench.models import apply_freeze, build_model, freeze_depth_count, split_parameters
 from spbench.penalties import PENALTIES, NonSmoothSP, _fisher_group_prox, _groups, _group_grad_flat_, make_penalty
@@ -264,7 +263,7 @@ def test_delta_channel_attention_on_convnext():
 
 
 @pytest.mark.parametrize("arch,channels,size", [("demo_resnet", 1, 16), ("resnet18", 3, 32), ("convnext_tiny", 3, 32)])
-def test_delta_attention_from_the_cut_forward_is_the_whole_forwards(arch, channels, size, monkeypatch):
+def test_delta_attention_from_the_cut_forward_is_the_whole_forwards(arch, channels, size):
     """Where the backbone traces, the set-up pass runs the forward up to the tapped convolution
     once per batch and only the rest per channel: the weights are those of the whole forward
     per channel (a hook zeroing the channel), to the bit, over several batches."""
@@ -278,14 +277,12 @@ def test_delta_attention_from_the_cut_forward_is_the_whole_forwards(arch, channe
     assert all(_cut_after(src.backbone, name.removeprefix("backbone.")) is not None for name in layers)
     x = torch.randn(6, channels, size, size, generator=torch.Generator().manual_seed(2))
     data = SetupData(x, torch.arange(6) % 4, batch_size=4, device=torch.device("cpu"))  # 2 batches
-    cut = channel_attention(src, layers, data, 4)
-    monkeypatch.setattr(features_module, "_cut_after", lambda module, name: None)
-    whole = channel_attention(src, layers, data, 4)
+    cut, whole = (channel_attention(src, layers, data, 4, cut=c) for c in (True, False))
     assert len(cut) == len(layers) and all(torch.equal(a, b) for a, b in zip(cut, whole))
     assert all(w.std() > 0 for w in cut)
 
 
-def test_delta_cut_forward_survives_an_in_place_residual(monkeypatch):
+def test_delta_cut_forward_survives_an_in_place_residual():
     """A backbone whose rest adds the tapped map into a value it kept from before the tap, in
     place (``skip.add_(tap)``; fx traces ``skip += tap`` as an out-of-place add): each
     channel's rest gets its own copy of that value, so the weights are still the whole
@@ -311,9 +308,7 @@ def test_delta_cut_forward_survives_an_in_place_residual(monkeypatch):
     net = Classifier(Residual(), 3)
     data = SetupData(torch.randn(6, 1, 8, 8), torch.arange(6) % 3, batch_size=4, device=torch.device("cpu"))
     assert _cut_after(net.backbone, "tap") is not None
-    cut = channel_attention(net, net.feature_layers(), data, 3)
-    monkeypatch.setattr(features_module, "_cut_after", lambda module, name: None)
-    whole = channel_attention(net, net.feature_layers(), data, 3)
+    cut, whole = (channel_attention(net, net.feature_layers(), data, 3, cut=c) for c in (True, False))
     assert torch.equal(cut[0], whole[0]) and cut[0].std() > 0
 
 

@@ -119,7 +119,8 @@ def _without_channel(t: Tensor, c: int) -> Tensor:
 
 
 @torch.no_grad()
-def channel_attention(network: nn.Module, layers: list[str], data: SetupData, num_classes: int) -> list[Tensor]:
+def channel_attention(network: nn.Module, layers: list[str], data: SetupData, num_classes: int, *,
+                      cut: bool = True) -> list[Tensor]:
     """DELTA's channel attention W_j for each named convolution j of ``network`` (a classifier
     with a ``backbone``, scored in eval mode), on the first :data:`ATTENTION_IMAGES` training
     images x with labels y:
@@ -136,7 +137,7 @@ def channel_attention(network: nn.Module, layers: list[str], data: SetupData, nu
     runs once per batch and only the rest once per channel (the same operations on the same
     values, so the same Δ to the bit), at the cost of keeping what the rest reads for all the
     images (at a ResNet-50's first stage at 224 px, 256 images: about 1.6 GB in float32);
-    elsewhere each channel's forward is the whole one.
+    elsewhere, or with ``cut=False``, each channel's forward is the whole one.
     """
     with eval_mode(network):
         batches = list(data.batches())
@@ -151,9 +152,9 @@ def channel_attention(network: nn.Module, layers: list[str], data: SetupData, nu
         for name in layers:
             conv = network.get_submodule(name)
             channels = counts[name] if name in counts else conv.out_channels
-            cut = _cut_after(network.backbone, name.removeprefix("backbone.")) if name.startswith("backbone.") else None
-            if cut is not None:
-                prefix, suffix, k = cut
+            split = _cut_after(network.backbone, name.removeprefix("backbone.")) if cut and name.startswith("backbone.") else None
+            if split is not None:
+                prefix, suffix, k = split
                 live = [prefix(x[i : i + bs]) for i in range(0, len(x), bs)]  # per batch, once
 
                 def loss_without(c: int) -> Tensor:
