@@ -6,6 +6,9 @@ Checks, each against a CPU reference:
 - the proximal variants give the same weights on the GPU as on the CPU;
 - the exact and Monte-Carlo Fisher estimators on the demo network (float64) agree with the CPU;
 - a demo fine-tune (training loop, method, evaluation) runs on the GPU and its loss falls;
+- the training loop does not make the host wait for the device at every step: the count of
+  synchronising CUDA calls (``torch.cuda.set_sync_debug_mode``) of a 40-step run is that of a
+  10-step run (the losses are read a batch at a time, the batch indices go over without blocking);
 - every method of the registry (the penalties, LwF, DELTA, BSS, Co-Tuning): a few training
   steps on the demo network in float64 (set-up pass, taps, teacher forward, its own
   parameters) give the same weights on the GPU as on the CPU.
@@ -21,6 +24,7 @@ import argparse
 import copy
 import json
 import sys
+import warnings
 
 import torch
 
@@ -125,6 +129,30 @@ def check_training(dev) -> dict:
     return {"first": first, "last": last, "accuracy": acc}
 
 
+def check_host_syncs(dev) -> dict:
+    def syncs(steps: int) -> int:
+        torch.manual_seed(4)
+        model = build_model("demo_resnet", 3, 1).to(dev)
+        inh, head = split_parameters(model)
+        method = make_method("l2_sp", MethodContext(model, inh, head), alpha=0.1, beta=0.01).to(dev)
+        x = torch.randn(64, 1, 16, 16, device=dev)
+        y = (x.mean(dim=(1, 2, 3)) > 0).long().to(dev)
+        torch.cuda.synchronize(dev)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_steps(model, method, x, y, steps=steps, batch_size=32, lr=0.05,
+                            generator=torch.Generator().manual_seed(0), log_every=0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    short, long = syncs(10), syncs(40)
+    print(f"host syncs in the training loop on {dev}: {short} in 10 steps, {long} in 40 steps", flush=True)
+    return {"steps_10": short, "steps_40": long}
+
+
 def _method_run(name: str, dev, steps: int = 5) -> list[torch.Tensor]:
     """``steps`` training steps of method ``name`` (float64, demo network, the source network a
     5-class demo model) on ``dev``; the fine-tuned model's and the method's tensors after."""
@@ -172,12 +200,14 @@ def main(argv=None) -> int:
     summary["prox"] = check_prox(dev)
     summary["fisher"] = check_fisher(dev)
     summary["training"] = check_training(dev)
+    summary["host_syncs"] = check_host_syncs(dev)
     summary["methods"] = check_methods(dev)
     ok = (
         all(v < 1e-4 for v in summary["penalties"].values())
         and all(v < 1e-12 for v in summary["prox"].values())
         and all(v < 1e-9 for v in summary["fisher"].values())
         and summary["training"]["last"] < summary["training"]["first"]
+        and summary["host_syncs"]["steps_40"] == summary["host_syncs"]["steps_10"]
         and all(v < 1e-8 for v in summary["methods"].values())
     )
     summary["ok"] = ok

@@ -3,8 +3,11 @@ with the same record as a run that was never interrupted (cost fields aside)."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -305,3 +308,48 @@ def test_a_finished_run_of_another_config_is_trained_again(short):
     config["finetune"]["steps"] = 31
     assert _restore_finished(config, specs[0], done, kw["record_outs"][0], kw["model_outs"][0]) is None
     assert not done.exists()
+
+
+def test_losses_read_in_batches_are_the_per_step_losses():
+    """Without ``on_step`` the loop reads the losses from the device a batch at a time (every
+    ``log_every`` steps, at a checkpoint, at the end); the history is the one read step by
+    step, value for value, and a resume from a checkpoint taken between two reads continues it."""
+    x = torch.randn(10, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(10) % 3
+    model, method = _setup()
+    seen = []
+    per_step = _train(model, method, x, y, on_step=lambda step, loss: seen.append((step, loss)))
+    assert [s for s, _ in seen] == list(range(12)) and [v for _, v in seen] == per_step.loss
+    model, method = _setup()
+    saved = []  # deep copies: the state holds the live weights, which train on after it
+    batched = _train(model, method, x, y, log_every=5, save_checkpoint=lambda s: saved.append(copy.deepcopy(s)),
+                     checkpoint_every=7)
+    assert batched.loss == per_step.loss and batched.lr == per_step.lr and len(batched.loss) == 12
+    assert [s["step"] for s in saved] == [7] and saved[0]["history"]["loss"] == per_step.loss[:7]
+    model, method = _setup()
+    resumed = _train(model, method, x, y, log_every=5, resume=saved[0])
+    assert resumed.loss == per_step.loss
+
+
+def test_a_non_finite_loss_names_its_step_and_no_later_checkpoint_is_saved():
+    """A diverging run (lr 1e6) raises FloatingPointError naming the first step whose loss is
+    not finite, whether the losses are read every step or in batches; read in batches, every
+    checkpoint is still taken before that step."""
+    x = torch.randn(10, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(10) % 3
+
+    def diverge(**kw):
+        model, method = _setup()
+        return train_steps(model, method, x, y, steps=40, batch_size=4, lr=1e6,
+                           generator=torch.Generator().manual_seed(3), **kw)
+
+    seen = []
+    with pytest.raises(FloatingPointError, match=r"at step (\d+) ") as per_step:
+        diverge(on_step=lambda step, loss: seen.append(loss))
+    first_bad = int(re.search(r"at step (\d+) ", str(per_step.value)).group(1))
+    assert first_bad == len(seen) and 0 < first_bad < 39  # all earlier losses were finite
+    saved = []
+    with pytest.raises(FloatingPointError, match=rf"at step {first_bad} "):
+        diverge(log_every=50, save_checkpoint=saved.append, checkpoint_every=2)
+    assert saved and all(s["step"] <= first_bad for s in saved)
+    assert all(math.isfinite(v) for s in saved for v in s["history"]["loss"])

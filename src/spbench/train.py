@@ -148,18 +148,30 @@ def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generato
         pos += b
 
 
+def _take(data: Any, idx: Tensor) -> Any:
+    """``data[idx]`` for a batch's indices (a CPU tensor): on an accelerator tensor the indices
+    go over from pinned memory without blocking, so that indexing does not make the host wait
+    for the device (a plain CPU index would)."""
+    if isinstance(data, Tensor) and data.device.type != "cpu":
+        if data.device.type == "cuda":
+            idx = idx.pin_memory()
+        return data[idx.to(data.device, non_blocking=True)]
+    return data[idx]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512, precision: Precision | None = None) -> float:
     """Top-1 accuracy of ``model`` in eval mode (every submodule's mode is restored), under
-    ``precision``'s autocast (the training's)."""
-    correct = 0
+    ``precision``'s autocast (the training's). The count of correct predictions stays on the
+    device until the end (one transfer, not one per batch)."""
+    correct = torch.zeros((), dtype=torch.long, device=y.device)
     precision = precision or Precision()
     with eval_mode(model):
         for start in range(0, len(x), batch_size):
             with precision.autocast():
                 logits = model(x[start : start + batch_size])
-            correct += (logits.argmax(dim=1) == y[start : start + batch_size]).sum().item()
-    return correct / len(x)
+            correct += (logits.argmax(dim=1) == y[start : start + batch_size]).sum()
+    return int(correct) / len(x)
 
 
 @dataclass
@@ -326,6 +338,31 @@ def train_steps(
     set_train_mode(model, freeze, bn_mode)
     method.train()
     start = time.perf_counter() - history.seconds
+    # The losses stay on the device until read, a batch of steps at a time (a log line, a
+    # checkpoint, the end): reading one forces the host to wait for the device, which on an
+    # accelerator would stall every step. ``on_step`` is handed each value at its step, so
+    # with it they are read every step.
+    every = 1 if on_step is not None else max(1, log_every or 50)
+    pending: list[tuple[int, float, Tensor]] = []
+
+    def read_losses() -> float | None:
+        """Append the pending losses to the history (one transfer); raises FloatingPointError
+        at the first non-finite one. Returns the last value (None when nothing was pending)."""
+        if not pending:
+            return None
+        values = torch.stack([t for _, _, t in pending]).tolist()
+        for (step, rate, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss is {value} at step {step} (learning rate or α too large?)")
+            history.loss.append(value)
+            history.lr.append(rate)
+        last = pending[-1]
+        pending.clear()
+        if log_every and (last[0] % log_every == 0 or last[0] == steps - 1):
+            log.info("step %d/%d  loss %.4f  lr %.3g", last[0] + 1, steps, values[-1], last[1])
+        return values[-1]
+
+    loss_shown: float | None = None
     with (Progress(steps, progress, unit="steps", start=first) if progress else contextlib.nullcontext()) as bar:
         for step, idx in enumerate(batch_indices(len(x), batch_size, steps, generator)):
             if step < first:  # replay the batch order up to the checkpoint
@@ -336,23 +373,21 @@ def train_steps(
                     torch.set_rng_state(resume["torch_rng"])
                 continue
             rate = lr_at(step, steps, lr, schedule, milestones)
-            value = training_step(model, method, x[idx], y[idx], opt, lr=rate, scaler=scaler,
-                                  clip_grad_norm=clip_grad_norm, precision=precision).item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"training loss is {value} at step {step} (learning rate or α too large?)")
-            history.loss.append(value)
-            history.lr.append(rate)
+            loss = training_step(model, method, _take(x, idx), _take(y, idx), opt, lr=rate, scaler=scaler,
+                                 clip_grad_norm=clip_grad_norm, precision=precision)
+            pending.append((step, rate, loss))
             history.images += len(idx)
-            if on_step is not None:
-                on_step(step, value)
+            if step % every == 0 or step == steps - 1:
+                loss_shown = read_losses()
+                if on_step is not None:
+                    on_step(step, loss_shown)
             if bar is not None:
-                bar.update(1, loss=value)
-            if log_every and (step % log_every == 0 or step == steps - 1):
-                log.info("step %d/%d  loss %.4f  lr %.3g", step + 1, steps, value, rate)
+                bar.update(1, **({} if loss_shown is None else {"loss": loss_shown}))
             if step == steps - 1 or save_checkpoint is None:
                 continue
             stopping = stop is not None and stop()
             if stopping or (checkpoint_every and (step + 1) % checkpoint_every == 0):
+                read_losses()  # a non-finite loss raises here, before its weights are saved
                 history.seconds = time.perf_counter() - start
                 state = train_state(step + 1, model, method, opt, history, generator)
                 if scaler is not None:
@@ -361,6 +396,7 @@ def train_steps(
                 if stopping:
                     log.warning("stopped at step %d/%d on request; checkpoint saved", step + 1, steps)
                     raise Preempted(f"training stopped at step {step + 1} of {steps}; rerun to resume")
+    read_losses()
     history.seconds = time.perf_counter() - start
     return history
 
