@@ -151,6 +151,48 @@ def test_ftp_three_steps_match_the_formula():
     assert int(method.steps_done) == 4
 
 
+def test_ftp_counts_its_steps_from_a_loaded_state():
+    """FTP counts its radius updates on the host (no device read per step) and recounts from
+    the buffer when a state is loaded: a method that has run three steps, given the state
+    and weights of step 1, takes the same next step (Adam's bias correction at t = 1) as a
+    fresh method given them."""
+    model, ctx = _context()
+    params = list(ctx.inherited.values())
+
+    def step(m, gen):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        m.add_grad_()
+        with torch.no_grad():
+            for p in params:
+                p.sub_(0.02 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        m.prox_(0.1)
+
+    def load(m, state, weights):
+        m.load_state_dict(state)
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+
+    gen = torch.Generator().manual_seed(5)
+    ran = make_method("ftp", ctx)
+    step(ran, gen)
+    after_one = copy.deepcopy(ran.state_dict()), [p.detach().clone() for p in params]
+    step(ran, gen), step(ran, gen)
+    load(ran, *after_one)
+    step(ran, torch.Generator().manual_seed(6))
+    got = copy.deepcopy(ran.state_dict()), [p.detach().clone() for p in params]
+
+    fresh = make_method("ftp", ctx)
+    load(fresh, *after_one)
+    step(fresh, torch.Generator().manual_seed(6))
+    assert int(fresh.steps_done) == 2 and fresh.gamma.max() > 1e-8
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(got[0][name], value), name
+    for a, p in zip(got[1], params):
+        assert torch.equal(a, p)
+
+
 def test_ftp_state_is_checkpointed():
     model, ctx = _context()
     method = make_method("ftp", ctx)

@@ -86,6 +86,11 @@ def row_l1_norms(t: Tensor) -> Tensor:
     return t.abs().sum(dim=tuple(range(1, t.ndim)), keepdim=True) + 1e-8
 
 
+def _recount_steps(module: "FTP", incompatible_keys) -> None:
+    """After a state is loaded, FTP reads its step count from the buffer again."""
+    module._steps = None
+
+
 @register
 class FTP(_Anchored):
     """Fast trainable projection (Tian et al., NeurIPS 2023): each layer is projected after the
@@ -119,6 +124,10 @@ class FTP(_Anchored):
             self.register_buffer(name, torch.zeros(n, dtype=ref.dtype, device=ref.device))
         self.direction = TensorStore({name: torch.zeros_like(p) for name, p in context.inherited.items()})
         self._grad_gamma: Tensor | None = None
+        # steps_done read once (then counted here): reading the buffer at every step would make
+        # the host wait for the device; a loaded state makes it read again
+        self._steps: int | None = None
+        self.register_load_state_dict_post_hook(_recount_steps)
 
     @torch.no_grad()
     def add_grad_(self) -> None:
@@ -134,14 +143,16 @@ class FTP(_Anchored):
         diffs = self._diffs()
         norms = [row_l1_norms(d) for d in diffs]
         largest = torch.stack([n.max() for n in norms])
-        if int(self.steps_done) == 0:
+        if self._steps is None:
+            self._steps = int(self.steps_done)
+        if self._steps == 0:
             gamma = torch.full_like(self.gamma, self.GAMMA0)
         else:
             grad = self._grad_gamma
             grad = torch.where(grad > 0, grad * self.settings["k"], grad)
             self.moment1.mul_(self.BETA1).add_(grad, alpha=1 - self.BETA1)
             self.moment2.mul_(self.BETA2).addcmul_(grad, grad, value=1 - self.BETA2)
-            t = int(self.steps_done)  # radius updates so far, this one included
+            t = self._steps  # radius updates so far, this one included
             m_hat = self.moment1 / (1 - self.BETA1**t)
             v_hat = self.moment2 / (1 - self.BETA2**t)
             gamma = self.gamma - self.MU * m_hat / (v_hat.sqrt() + self.EPS)
@@ -152,6 +163,7 @@ class FTP(_Anchored):
             p.copy_(w0 + (gamma[i] / n).clamp(0, 1) * d)
             direction.copy_(d / n)
         self.steps_done += 1
+        self._steps += 1
         self._grad_gamma = None
 
     def describe(self) -> dict[str, Any]:
