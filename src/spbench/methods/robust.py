@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..penalties import TensorStore
 from .base import HParam, Method, MethodContext, Needs, SetupData, eval_mode, register
