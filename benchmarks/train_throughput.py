@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="model memory format, as finetune.channels_last (auto: on CUDA only)")
     ap.add_argument("--quick", action="store_true", help="demo network, few steps, two repeats: seconds")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--json-file", help="also write that JSON object to this file (the table is printed)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if args.quick:
@@ -227,6 +228,8 @@ def main(argv=None) -> int:
         "warmup": args.warmup, "threads": args.threads, "channels_last": channels_last,
         "method": "l2_sp", "alpha": ALPHA, "beta": BETA, "lr": args.lr, "rows": rows,
     }
+    if args.json_file:
+        Path(args.json_file).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The README's GPU measurements in one run, for a machine with a CUDA device (about 5-10
+# minutes on an H200 class GPU; each step is stopped after LIMIT seconds, default 240):
+#
+#   1. benchmarks/cuda_check.py: CUDA correctness (penalties, proximal maps, Fisher, training,
+#      no host sync per step, every method against the CPU);
+#   2. benchmarks/train_throughput.py: spbench's step against the bare loop at 224 px, batch 64,
+#      fp32 and bf16, for ResNet-101 (issue goal: >= 0.95, bf16 >= 1.8x fp32, >= 2,000 images/s)
+#      and ResNet-50 (the paper's grid trains both);
+#   3. benchmarks/penalty_overhead.py: every penalty's share of that step (bf16 autocast);
+#   4. python -m spbench.plan: config/paper.yaml's device-hours with and without successive
+#      halving, from step 2's images/s.
+# Eight files at most come back from a lent machine's output folder: this writes eight.
+#
+# Usage (from the checkout root):  bash benchmarks/on_device.sh OUTDIR
+# PYTHON picks the interpreter (default: .venv/bin/python if there, else python3); the
+# checkout's src/ goes first on PYTHONPATH, so an installed spbench is not needed. Every
+# output lands in OUTDIR as <device>-<step>.txt (and .json), named after the GPU; a step
+# that fails is reported and the others still run; the exit status is that of the worst.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/on_device.sh OUTDIR}
+cd "$(dirname "$0")/.."
+py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+limit=${LIMIT:-240}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$out"
+if ! slug=$("$py" -c 'import re, torch; assert torch.cuda.is_available(); print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))' 2>/dev/null); then
+    echo "on_device.sh: no CUDA device visible to $py" >&2
+    exit 2
+fi
+"$py" -c 'import torch; print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")'
+worst=0
+
+step() {  # step NAME COMMAND...: run it under the time limit, its output into OUTDIR/<device>-NAME.txt
+    local name=$1 rc
+    shift
+    echo "== $name: $*"
+    local began=$SECONDS
+    timeout "$limit" "$@" > "$out/$slug-$name.txt" 2>&1
+    rc=$?
+    tail -n 25 "$out/$slug-$name.txt"
+    echo "== $name: exit $rc after $((SECONDS - began)) s"
+    [ "$rc" -gt "$worst" ] && worst=$rc
+    return 0
+}
+
+step cuda_check "$py" benchmarks/cuda_check.py --json "$out/$slug-cuda_check.json"
+for arch in resnet101 resnet50; do
+    step "throughput_$arch" "$py" benchmarks/train_throughput.py --device cuda --arch "$arch" --image 224 --batch 64 \
+        --json-file "$out/$slug-throughput_$arch.json"
+done
+step penalty_overhead "$py" benchmarks/penalty_overhead.py --device cuda --arch resnet101 --dtype bfloat16 \
+    --batch 64 --steps 5 --repeats 3
+measured=()
+for f in "$out/$slug"-throughput_*.json; do [ -s "$f" ] && measured+=(--throughput "$f"); done
+if [ ${#measured[@]} -gt 0 ]; then
+    step plan bash -c '"$1" -m spbench.plan config/paper.yaml "${@:2}" && echo && echo "with config/halving.yaml:" &&
+        "$1" -m spbench.plan config/paper.yaml config/halving.yaml "${@:2}"' _ "$py" "${measured[@]}"
+fi
+exit "$worst"
