@@ -317,6 +317,10 @@ def train_steps(
     to every :func:`training_step`; fp16's gradient scaler is checkpointed with the rest.
     ``progress``: the name under which a :class:`spbench.progress.Progress` counts the steps
     (a log line each tenth with the time left, a bar on a terminal); None: only ``log_every``.
+    The losses are read from the device every ``log_every`` steps (50 when 0), before a
+    checkpoint and at the end, or every step when ``on_step`` is given; the bar shows the last
+    one read, and a non-finite loss raises :class:`FloatingPointError` (naming its step) when
+    it is read.
     """
     precision = precision or Precision()
     scaler = precision.scaler()
