@@ -148,14 +148,15 @@ def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generato
         pos += b
 
 
-def _take(data: Any, idx: Tensor) -> Any:
-    """``data[idx]`` for a batch's indices (a CPU tensor): on an accelerator tensor the indices
-    go over from pinned memory without blocking, so that indexing does not make the host wait
-    for the device (a plain CPU index would)."""
+def _take(data: Any, idx: Tensor, on_device: dict) -> Any:
+    """``data[idx]`` for a batch's indices (a CPU tensor). On an accelerator tensor the indices
+    go over once per device (kept in ``on_device``), from pinned memory and without blocking,
+    so that indexing does not make the host wait for the device (a plain CPU index would)."""
     if isinstance(data, Tensor) and data.device.type != "cpu":
-        if data.device.type == "cuda":
-            idx = idx.pin_memory()
-        return data[idx.to(data.device, non_blocking=True)]
+        if data.device not in on_device:
+            pinned = idx.pin_memory() if data.device.type == "cuda" else idx
+            on_device[data.device] = pinned.to(data.device, non_blocking=True)
+        return data[on_device[data.device]]
     return data[idx]
 
 
@@ -377,8 +378,9 @@ def train_steps(
                     torch.set_rng_state(resume["torch_rng"])
                 continue
             rate = lr_at(step, steps, lr, schedule, milestones)
-            loss = training_step(model, method, _take(x, idx), _take(y, idx), opt, lr=rate, scaler=scaler,
-                                 clip_grad_norm=clip_grad_norm, precision=precision)
+            moved: dict = {}
+            loss = training_step(model, method, _take(x, idx, moved), _take(y, idx, moved), opt, lr=rate,
+                                 scaler=scaler, clip_grad_norm=clip_grad_norm, precision=precision)
             pending.append((step, rate, loss))
             history.images += len(idx)
             if step % every == 0 or step == steps - 1:
