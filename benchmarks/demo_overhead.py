@@ -111,16 +111,6 @@ print(statistics.median(rounds[1:]))
     return float(out.stdout.strip())
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def measure(config: Path, cores: int, workdir: Path) -> dict:
     from spbench.results import read_parquet
 
@@ -131,9 +121,11 @@ def measure(config: Path, cores: int, workdir: Path) -> dict:
     # has a row per value, all with its one config (which names the run)
     runs = runs.drop_duplicates("config_json")
     in_job = float(runs["wall_seconds"].sum())
+    from spbench.pipeline import cpu_model
+
     return {
         "config": str(config),
-        "machine": f"{_cpu_name()}, {platform.machine()}, {os.cpu_count()} logical CPUs",
+        "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} logical CPUs",
         "calibration_step_ms": calibration,
         "cores": cores,
         "jobs": jobs,

@@ -28,12 +28,8 @@ Usage:  python benchmarks/fisher_cost.py [--quick] [--json] [--device cuda] ...
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -45,19 +41,9 @@ from torch.func import functional_call, grad, vmap
 
 from spbench.fisher import estimate_fisher
 from spbench.models import build_model
+from spbench.pipeline import device_name
 
 MEASURES = ("fwd_bwd", "k_grads", "fisher_exact", "fisher_mc1", "train_b1", "train_batch")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if m:
-            return f"{m.group(1).strip()} ({os.cpu_count()} logical CPUs)"
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -171,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         return time.perf_counter() - t0
 
     log(f"{args.arch}, K={K}, {args.image_size}x{args.image_size}x{args.channels}, m={m}, batch {b}, "
-        f"{device_name(device)}, {torch.get_num_threads()} threads")
+        f"{device_name(device)}")
     t_start = time.perf_counter()
     for n in MEASURES:  # warm-up
         timed(fns[n])
@@ -234,7 +220,7 @@ def print_table(res: dict) -> None:
     print(f"\nfisher_cost: {res['arch']}, K={res['classes']} classes, {res['image_size']}x{res['image_size']}x{res['channels']}, "
           f"m={res['images']} images, batch {res['batch']}, {res['repeats']} repeats (interleaved), "
           f"{res['fisher_elements']:,} Fisher elements ({res['fisher_params']})")
-    print(f"device: {res['device']} ({res['device_name']}), torch {res['torch']}, {res['threads']} threads\n")
+    print(f"device: {res['device_name']}, torch {res['torch']}\n")
     hdr = f"{'measure':<14} {'what':<52} {'images/s':>10} {'ms/image':>10}"
     print(hdr)
     print("-" * len(hdr))

@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -40,19 +37,9 @@ import torch
 
 from spbench.augment import CachedImages
 from spbench.datasets import FileListTask
+from spbench.pipeline import device_name
 
 MEASURES = ("cache", "cache_read", "jpeg")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if m:
-            return f"{m.group(1).strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -169,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "input_pipeline",
         "device": "cpu",
-        "device_name": cpu_name(),
+        "device_name": device_name(torch.device("cpu")),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "images": n,
@@ -199,7 +186,7 @@ def print_table(res: dict) -> None:
     print(f"\ninput_pipeline: {res['images']} images ({w}x{h} JPEG, {res['jpeg_mb']:.1f} MB; cache "
           f"{res['cache_mb']:.1f} MB), batches of {res['batch']} -> float32 [B,3,224,224], "
           f"{res['batches']} batches x {res['repeats']} repeats (interleaved, median)")
-    print(f"device: cpu ({res['device_name']}), torch {res['torch']}, {res['threads']} thread\n")
+    print(f"device: {res['device_name']}, torch {res['torch']}\n")
     hdr = f"{'path':<10} {'what':<70} {'images/s/core':>13} {'ms/image':>9}"
     print(hdr)
     print("-" * len(hdr))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ from torch import nn
 from spbench.methods import METHODS, Forward, MethodContext, make_method, record_outputs
 from spbench.methods.penalties import PenaltyMethod
 from spbench.models import build_model, split_parameters
+from spbench.pipeline import device_name as describe_device
 from spbench.train import training_step
 
 
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         if ("peer", n) in times:
             row["peer_step_seconds"] = statistics.median(times[("peer", n)])
         rows.append(row)
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()}, {args.threads} threads)"
+    device_name = describe_device(dev)
     result = {"device": device_name, "torch": torch.__version__, "arch": args.arch, "image_size": args.image,
               "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "rows": rows}
     if args.json:

@@ -33,8 +33,6 @@ import contextlib
 import ctypes
 import gc
 import json
-import os
-import platform
 import re
 import statistics
 import sys
@@ -46,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spbench.models import build_model, split_parameters
+from spbench.pipeline import device_name
 from spbench.penalties import PENALTIES, make_penalty
 
 NONE = "none"
@@ -177,17 +176,6 @@ class CpuPeak:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if m:
-            return f"{m.group(1).strip()} ({os.cpu_count()} logical CPUs)"
-    return platform.processor() or platform.machine()
-
-
 def penalty_state_bytes(pen: nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in pen.buffers())
 
@@ -312,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
     peak_cuda = {n: 0 for n in names}
 
     log(f"{args.arch} {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, {args.dtype}, "
-        f"{device_name(device)}, {torch.get_num_threads()} threads; {len(names)} variants")
+        f"{device_name(device)}; {len(names)} variants")
     t_start = time.perf_counter()
     for _ in range(args.warmup):
         for n in names:
@@ -431,7 +419,7 @@ def print_table(res: dict) -> None:
     print(f"\npenalty_overhead: {res['arch']}, {res['image_size']}x{res['image_size']}x{res['channels']}, "
           f"batch {res['batch']}, {res['classes']} classes, {res['dtype']}"
           f"{' (autocast forward, float32 parameters)' if res['autocast'] else ''}")
-    print(f"device: {res['device']} ({res['device_name']}), torch {res['torch']}, {res['threads']} threads")
+    print(f"device: {res['device_name']}, torch {res['torch']}")
     print(f"{res['repeats']} repeats x {res['steps']} interleaved steps per variant, {res['warmup']} warm-up step(s); "
           f"SGD momentum 0.9, lr {res['lr']}, alpha {res['alpha']}, beta {res['beta']}")
     print(res["fisher"])

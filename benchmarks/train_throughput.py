@@ -32,10 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -48,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from spbench.augment import load_task_views
+from spbench.pipeline import device_name as describe_device
 from spbench.methods import MethodContext, make_method
 from spbench.models import build_model, split_parameters
 from spbench.train import resolve_precision, train_steps
@@ -55,17 +52,6 @@ from spbench.train import resolve_precision, train_steps
 ARCHS = ("demo_resnet", "resnet18", "resnet50", "resnet101")
 VARIANTS = ("spbench", "bare")
 ALPHA, BETA = 0.1, 0.01
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if m:
-            return m.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -217,10 +203,7 @@ def main(argv=None) -> int:
             "bare_step_ms": 1000 * args.batch / bare_med,
             "per_repeat": {"spbench": sp, "bare": bare},
         })
-    if dev.type == "cuda":
-        device_name = torch.cuda.get_device_name(dev)
-    else:
-        device_name = f"cpu: {cpu_name()}, {args.threads} thread{'s' if args.threads != 1 else ''} ({os.cpu_count()} logical CPUs)"
+    device_name = describe_device(dev)  # as the run records name it, so that `make plan` merges both
     result = {
         "device": str(dev), "device_name": device_name, "torch": torch.__version__, "arch": args.arch,
         "image_size": args.image, "stored_size": args.stored, "channels": channels, "batch": args.batch,

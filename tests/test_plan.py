@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -150,3 +151,37 @@ def test_tllib_overlays_validate_and_scale_the_grid(overlay, sources, targets):
     base = plan(load_config(REPO / "config" / "tllib.yaml"))
     grown = plan(load_config(REPO / "config" / "tllib.yaml", REPO / "config" / overlay))
     assert grown["finetune_runs"] == base["finetune_runs"] * sources * targets // 6
+
+
+def test_a_cpu_benchmark_and_the_records_of_that_cpu_are_one_device(tmp_path):
+    """The run records and benchmarks/train_throughput.py name a device the same way
+    (spbench.pipeline.device_name: on the CPU its model and thread count), so the plan prices
+    both under one device; another thread count is another device."""
+    import importlib.util
+
+    import torch
+
+    from spbench.pipeline import device_name
+
+    spec = importlib.util.spec_from_file_location("_bench_tt_plan", REPO / "benchmarks" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "throughput.json"
+        assert module.main(["--quick", "--threads", "1", "--precisions", "fp32", "--json-file", str(out)]) == 0
+        measured = json.loads(out.read_text())
+        torch.set_num_threads(1)
+        one = device_name(torch.device("cpu"))
+        torch.set_num_threads(2)
+        two = device_name(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert measured["device_name"] == one and one != two and one.startswith("cpu: ")
+    config = load_config(REPO / "config" / "tiny.yaml")
+    records = [{"device": one, "arch": "demo_resnet", "precision": "fp32", "images_per_second": 50.0},
+               {"device": two, "arch": "demo_resnet", "precision": "fp32", "images_per_second": 80.0}]
+    p = plan(config, records, [measured])
+    by = {(e["device"], e["precision"]): e for e in p["estimates"]}
+    assert set(by) == {(one, "fp32"), (two, "fp32")}
+    assert by[(one, "fp32")]["rates"]["demo_resnet"]["from"].startswith("benchmark")  # the benchmark is preferred

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -51,6 +53,7 @@ __all__ = [
     "finetune_run",
     "finetune_group",
     "evaluation_split",
+    "cpu_model",
     "device_name",
     "resolve_device",
     "save_checkpoint",
@@ -81,10 +84,26 @@ def channels_last(option: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if option == "auto" else bool(option)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
+    """The device as records and benchmarks name it (``make plan`` prices a grid per name):
+    the GPU's name, or on the CPU its model and the torch threads in use, e.g.
+    ``cpu: AMD EPYC, 1 thread (2 logical CPUs)``."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu: {cpu_model()}, {threads} thread{'s' if threads != 1 else ''} ({os.cpu_count()} logical CPUs)"
 
 
 def save_checkpoint(path, state: Mapping[str, Any]) -> None:
