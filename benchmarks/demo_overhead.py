@@ -112,6 +112,7 @@ print(statistics.median(rounds[1:]))
 
 
 def measure(config: Path, cores: int, workdir: Path) -> dict:
+    from spbench.pipeline import cpu_model
     from spbench.results import read_parquet
 
     calibration = calibrate()
@@ -121,8 +122,6 @@ def measure(config: Path, cores: int, workdir: Path) -> dict:
     # has a row per value, all with its one config (which names the run)
     runs = runs.drop_duplicates("config_json")
     in_job = float(runs["wall_seconds"].sum())
-    from spbench.pipeline import cpu_model
-
     return {
         "config": str(config),
         "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} logical CPUs",
