@@ -7,10 +7,11 @@
 #   2. benchmarks/train_throughput.py: spbench's step against the bare loop at 224 px, batch 64,
 #      fp32 and bf16, for ResNet-101 (issue goal: >= 0.95, bf16 >= 1.8x fp32, >= 2,000 images/s)
 #      and ResNet-50 (the paper's grid trains both);
-#   3. benchmarks/penalty_overhead.py: every penalty's share of that step (bf16 autocast);
-#   4. python -m spbench.plan: config/paper.yaml's device-hours with and without successive
-#      halving, from step 2's images/s.
-# Eight files at most come back from a lent machine's output folder: this writes eight.
+#   3. benchmarks/penalty_overhead.py: every penalty's share of that step (bf16 autocast).
+# Seven files, named after the GPU. The grid's device-hours then come from step 2's JSON files,
+# on any machine with the project's environment:
+#   python -m spbench.plan config/paper.yaml [config/halving.yaml] --throughput OUTDIR/<device>-throughput_resnet101.json \
+#       --throughput OUTDIR/<device>-throughput_resnet50.json
 #
 # Usage (from the checkout root):  bash benchmarks/on_device.sh OUTDIR
 # PYTHON picks the interpreter (default: .venv/bin/python if there, else python3); the
@@ -19,11 +20,11 @@
 # that fails is reported and the others still run; the exit status is that of the worst.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/on_device.sh OUTDIR}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 limit=${LIMIT:-240}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-mkdir -p "$out"
 if ! slug=$("$py" -c 'import re, torch; assert torch.cuda.is_available(); print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))' 2>/dev/null); then
     echo "on_device.sh: no CUDA device visible to $py" >&2
     exit 2
@@ -51,10 +52,4 @@ for arch in resnet101 resnet50; do
 done
 step penalty_overhead "$py" benchmarks/penalty_overhead.py --device cuda --arch resnet101 --dtype bfloat16 \
     --batch 64 --steps 5 --repeats 3
-measured=()
-for f in "$out/$slug"-throughput_*.json; do [ -s "$f" ] && measured+=(--throughput "$f"); done
-if [ ${#measured[@]} -gt 0 ]; then
-    step plan bash -c '"$1" -m spbench.plan config/paper.yaml "${@:2}" && echo && echo "with config/halving.yaml:" &&
-        "$1" -m spbench.plan config/paper.yaml config/halving.yaml "${@:2}"' _ "$py" "${measured[@]}"
-fi
 exit "$worst"
