@@ -114,13 +114,19 @@ def check_fisher(dev) -> dict:
     return out
 
 
-def check_training(dev) -> dict:
+def _demo_fine_tune(dev):
+    """The demo network with L2-SP and 64 separable images on ``dev``: model, method, x, y."""
     torch.manual_seed(4)
     model = build_model("demo_resnet", 3, 1).to(dev)
     inh, head = split_parameters(model)
     method = make_method("l2_sp", MethodContext(model, inh, head), alpha=0.1, beta=0.01).to(dev)
     x = torch.randn(64, 1, 16, 16, device=dev)
     y = (x.mean(dim=(1, 2, 3)) > 0).long().to(dev)
+    return model, method, x, y
+
+
+def check_training(dev) -> dict:
+    model, method, x, y = _demo_fine_tune(dev)
     hist = train_steps(model, method, x, y, steps=100, batch_size=32, lr=0.05, generator=torch.Generator().manual_seed(0),
                        log_every=0)
     first, last = sum(hist.loss[:10]) / 10, sum(hist.loss[-10:]) / 10
@@ -131,12 +137,7 @@ def check_training(dev) -> dict:
 
 def check_host_syncs(dev) -> dict:
     def syncs(steps: int) -> int:
-        torch.manual_seed(4)
-        model = build_model("demo_resnet", 3, 1).to(dev)
-        inh, head = split_parameters(model)
-        method = make_method("l2_sp", MethodContext(model, inh, head), alpha=0.1, beta=0.01).to(dev)
-        x = torch.randn(64, 1, 16, 16, device=dev)
-        y = (x.mean(dim=(1, 2, 3)) > 0).long().to(dev)
+        model, method, x, y = _demo_fine_tune(dev)
         torch.cuda.synchronize(dev)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
