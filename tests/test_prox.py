@@ -5,6 +5,7 @@ numerical minimisation)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -373,13 +374,15 @@ def test_fisher_prox_newton_converges_in_a_handful_of_iterations():
         assert not torch.equal(_fisher_prox_mu(a, fl, ts, max_iterations=1), _fisher_prox_mu(a, fl, ts))
 
 
-@pytest.mark.parametrize("block_bytes", [None, 300])
-def test_fisher_prox_step_matches_the_bisection_on_every_tensor(block_bytes, monkeypatch):
+@pytest.mark.parametrize("block_bytes,native", [(None, "never"), (300, "never"), (None, "always")])
+def test_fisher_prox_step_matches_the_bisection_on_every_tensor(block_bytes, native, monkeypatch):
     """prox_ of gl_sp_fisher on the CPU (closed form for the 1-D tensor, Newton per row for the
-    convolution, in blocks of rows: also with one row per block) sets w = w0 + u with u the
-    bisection's, to 1e-12, extreme Fisher included."""
+    convolution, by torch operations in blocks of rows: also with one row per block; or by the
+    native kernel) sets w = w0 + u with u the bisection's, to 1e-12, extreme Fisher included."""
     if block_bytes:
         monkeypatch.setattr("spbench.penalties._BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr("spbench.penalties.NATIVE", native)
+    by_kernel = _count_native_calls(monkeypatch)
     inherited, head = _params()
     g = torch.Generator().manual_seed(7)
     fisher = {n: 10 ** torch.empty(p.shape, dtype=torch.float64).uniform_(-8, 4, generator=g) for n, p in inherited.items()}
@@ -395,13 +398,33 @@ def test_fisher_prox_step_matches_the_bisection_on_every_tensor(block_bytes, mon
         _assert_close_per_group(p.detach() - w0[n], expected - w0[n], d)
         zeros += int((p.detach() == w0[n]).sum())
     assert zeros > 0
+    assert by_kernel == ([(4, 2, 3, 3)] if native == "always" else [])
 
 
-def test_fisher_prox_step_in_float32_and_channels_last():
+def _count_native_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the tensors that go through the native kernel from now on."""
+    import spbench.penalties as penalties
+
+    calls, real = [], penalties._fisher_prox_native_
+
+    def counted(kernel, p, *args, **kwargs):
+        calls.append(tuple(p.shape))
+        return real(kernel, p, *args, **kwargs)
+
+    monkeypatch.setattr(penalties, "_fisher_prox_native_", counted)
+    return calls
+
+
+@pytest.mark.parametrize("native", ["never", "always"])
+def test_fisher_prox_step_in_float32_and_channels_last(native, monkeypatch):
     """The same prox_ step on a float32 copy of the network (the iteration's stopping rule
     in float32 rounding) and on channels_last weights (not contiguous as rows) lands where
-    the float64 one does, to float32 rounding and to float64 rounding."""
+    the float64 one does, to float32 rounding and to float64 rounding; by the torch
+    operations or by the native kernel."""
     from spbench.models import build_model, split_parameters
+
+    monkeypatch.setattr("spbench.penalties.NATIVE", native)
+    by_kernel = _count_native_calls(monkeypatch)
 
     def run(dtype, channels_last=False):
         torch.manual_seed(0)
@@ -426,3 +449,107 @@ def test_fisher_prox_step_in_float32_and_channels_last():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
     for a, b in zip(run(torch.float32)[0], ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    multi = sum(p.ndim >= 2 for p in pen.w0.values())
+    assert multi > 2 and len(by_kernel) == (3 * multi if native == "always" else 0)
+
+
+def _native():
+    from spbench import native
+
+    kernel = native.load()
+    assert kernel is not None, "the native kernel did not build (see the warning)"
+    return kernel
+
+
+def test_native_fisher_prox_matches_the_bisection_row_by_row():
+    """The native kernel on its own: the bisection's u to 1e-12 (float64) on the extreme cases
+    (Fisher from 1e-8 to 1e4, constant over some groups, groups at the zero threshold, groups
+    with d = 0 exactly, a Fisher entry of exactly 0), with the same zero groups; the same
+    result, bit for bit, on one thread and on two (the groups are independent); and clear
+    errors for what it does not take."""
+    kernel = _native()
+    for seed, shape in ((0, (40, 6, 3, 3)), (1, (30, 17)), (2, (64, 1, 1, 1))):
+        d, f, t = _extreme_case(seed, shape)
+        d[[3, 13]] = 0.0
+        f[5, ...] = 0.0
+        g = torch.Generator().manual_seed(seed)
+        w0 = torch.randn(shape, generator=g, dtype=torch.float64)
+        rows = lambda x: x.reshape(shape[0], -1).contiguous()  # noqa: E731
+        p = rows(w0 + d)
+        kernel.fisher_group_prox_(p, rows(w0), rows(f), t, 100)
+        u, expected = p - rows(w0), rows(_bisection_prox_rows(d, f, t))
+        moved = [i for i in range(shape[0]) if i not in (3, 13)]
+        _assert_close_per_group(u[moved], expected[moved], rows(d)[moved])
+        size_new, size_old, size_d = (x.abs().amax(dim=1) for x in (u, expected, rows(d)))
+        assert bool((size_new[[3, 13]] == 0).all()) and not bool(u.isnan().any())
+        assert torch.equal(size_new > 1e-10 * size_d, size_old > 1e-10 * size_d)
+        if shape[1] > 1:
+            assert 0 < int((size_new == 0).sum()) < shape[0]
+    big = torch.randn(300, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    fb, w0b = torch.rand_like(big) + 0.1, torch.zeros_like(big)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            pb = big.clone()
+            kernel.fisher_group_prox_(pb, w0b, fb, 0.05, 100)
+            results.append(pb)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], big)
+    ok = torch.zeros(4, 3)
+    for args, message in (
+        ((ok.t(), ok.t(), ok.t(), 0.1, 100), "contiguous"),
+        ((ok, ok.double(), ok, 0.1, 100), "one dtype"),
+        ((ok, ok[:3], ok, 0.1, 100), "one shape"),
+        ((ok, ok, ok, 0.0, 100), "positive"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            kernel.fisher_group_prox_(*args)
+
+
+def test_fisher_prox_runs_natively_for_large_networks_and_falls_back_where_it_cannot_build(monkeypatch):
+    """NATIVE='auto' runs the kernel when the tensors of groups hold NATIVE_MIN_ELEMENTS elements
+    or more, not below, with the torch operations' result to rounding; where the kernel cannot
+    be built, the build warns once, names the compiler's complaint, and prox_ gives the torch
+    operations' result; an unknown setting is an error."""
+    import spbench.penalties as penalties
+    from spbench import native
+
+    def step():
+        inherited, head = _params(3)
+        g = torch.Generator().manual_seed(4)
+        fisher = {n: torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.1 for n, p in inherited.items()}
+        pen = make_penalty("gl_sp_fisher", inherited, head, alpha=0.3, beta=0.0, fisher=fisher, variant="prox")
+        _depart(inherited, 0.5)
+        pen.prox_(0.05)
+        return [p.detach().clone() for p in inherited.values()]
+
+    by_kernel = _count_native_calls(monkeypatch)
+    monkeypatch.setattr(penalties, "NATIVE", "auto")
+    monkeypatch.setattr(penalties, "NATIVE_MIN_ELEMENTS", 73)  # the conv kernel has 72
+    eager = step()
+    assert by_kernel == []
+    monkeypatch.setattr(penalties, "NATIVE_MIN_ELEMENTS", 72)
+    for a, b in zip(step(), eager):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    assert by_kernel == [(4, 2, 3, 3)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'spbench_native'\nc++: command not found")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", broken)
+    native.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"could not be built \(RuntimeError: c\+\+: command not found\)"):
+            fallback = step()
+        assert all(torch.equal(a, b) for a, b in zip(fallback, eager)) and by_kernel == [(4, 2, 3, 3)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            step()  # the torch operations from now on, without a second warning
+    finally:
+        native.load.cache_clear()
+    monkeypatch.setattr(penalties, "NATIVE", "sometimes")
+    with pytest.raises(ValueError, match="NATIVE must be 'auto', 'always' or 'never'"):
+        step()

@@ -488,8 +488,8 @@ class GroupLassoSPFisher(GroupLassoSP):
     """Ω(w) = α Σ_g s_g (Σ_{j∈Gg} F_jj (w_j − w0_j)²)^½ + β/2 ‖w_S̄‖² (eq. 6 with the Fisher
     metric). Smoothed as gl_sp, gradient α s_g F_j d_j / √(Σ F d² + ε²).
     Proximal map: u_j = d_j/(1 + λF_j), where λ > 0 solves λ‖F^½u(λ)‖ = lr·α·s_g (found by
-    a safeguarded Newton iteration, see :func:`_fisher_prox_mu`), and u = 0 when
-    Σ_j d_j²/F_j ≤ (lr·α·s_g)²."""
+    a safeguarded Newton iteration, see :func:`_fisher_prox_mu`; on the CPU by a native kernel
+    where :data:`NATIVE` selects it), and u = 0 when Σ_j d_j²/F_j ≤ (lr·α·s_g)²."""
 
     name = "gl_sp_fisher"
     uses_fisher = True
@@ -522,6 +522,11 @@ class GroupLassoSPFisher(GroupLassoSP):
                     for i, u in zip(single, us):
                         torch.add(refs[i], u, out=params[i])
                 multi = [(p, w0, f) for p, w0, f in zip(params, refs, fishers) if p.ndim >= 2 and p.numel()]
+                kernel = _native_kernel(multi, lr * self.alpha)
+                if kernel is not None:
+                    for p, w0, f in multi:
+                        _fisher_prox_native_(kernel, p, w0, f, lr * self.alpha)
+                    continue
                 if not multi:
                     continue
                 # one workspace: a block's departure d and the solver's three scratch tensors
@@ -687,31 +692,78 @@ def _fisher_prox_mu(a: Tensor, f: Tensor, ts, group_sum=None, expand=None, max_i
     took 64."""
     if group_sum is None:
         group_sum, expand = (lambda x: x.sum(dim=1)), (lambda m: m.unsqueeze(1))
-    eps = torch.finfo(a.dtype).eps
-    tol, quad_tol = 32 * eps, 0.5 * math.sqrt(4 * eps)
-    sum_a = group_sum(a)
-    hi = sum_a.sqrt() / ts
-    lo = torch.zeros_like(hi)
-    mu = (hi - group_sum(a * f) / sum_a.clamp_min(torch.finfo(a.dtype).tiny)).clamp_min_(0)  # 0 where d = 0
+    mu, lo, hi = _newton_start(group_sum(a), group_sum(a * f), ts)
     r, v = work if work is not None else (torch.empty_like(a), torch.empty_like(a))
     for _ in range(max_iterations):
         torch.add(f, expand(mu), out=r)  # μ + F
         s2 = group_sum(torch.div(a, r, out=v).div_(r))
         s3 = group_sum(v.div_(r))
-        n = s2.sqrt()
-        left = n > ts
-        lo = torch.where(left, mu, lo)
-        hi = torch.where(left, hi, mu)
-        new = mu + (n - ts) / ts * s2 / s3
-        new = torch.where((new >= lo) & (new <= hi), new, (lo + hi) / 2)  # also when NaN (0/0)
-        # done: the step is small enough for the next one to be below rounding, or the equation
-        # holds to rounding (near the zero threshold, where μ is tiny, its relative steps stay
-        # at the noise of N − ts)
-        done = bool((((new - mu).abs() <= quad_tol * new) | ((n - ts).abs() <= tol * ts)).all())
-        mu = new
-        if done:
+        mu, lo, hi, done = _newton_update(mu, lo, hi, s2, s3, ts)
+        if bool(done.all()):
             break
     return mu
+
+
+def _newton_start(sum_a: Tensor, sum_af: Tensor, ts) -> tuple[Tensor, Tensor, Tensor]:
+    """The start μ0 = max(0, ‖F^½d‖/ts − F̄) of :func:`_fisher_prox_mu` and its bracket
+    [lo, hi] = [0, ‖F^½d‖/ts], from the group sums Σ a and Σ a·F (μ0 = 0 where d = 0)."""
+    hi = sum_a.sqrt() / ts
+    mu = (hi - sum_af / sum_a.clamp_min(torch.finfo(sum_a.dtype).tiny)).clamp_min(0)
+    return mu, torch.zeros_like(hi), hi
+
+
+def _newton_update(mu: Tensor, lo: Tensor, hi: Tensor, s2: Tensor, s3: Tensor, ts) -> tuple[Tensor, ...]:
+    """One safeguarded Newton step of :func:`_fisher_prox_mu` per group, from the group sums
+    s2 = Σ a/(μ + F)² and s3 = Σ a/(μ + F)³ at μ: the new μ, the new bracket, and which groups
+    have converged (the stopping rule of :func:`_fisher_prox_mu`)."""
+    eps = torch.finfo(mu.dtype).eps
+    n = s2.sqrt()
+    left = n > ts
+    lo = torch.where(left, mu, lo)
+    hi = torch.where(left, hi, mu)
+    new = mu + (n - ts) / ts * s2 / s3
+    new = torch.where((new >= lo) & (new <= hi), new, (lo + hi) / 2)  # also when NaN (0/0)
+    # converged: the step is small enough for the next one to be below rounding, or the
+    # equation holds to rounding (near the zero threshold, where μ is tiny, its relative steps
+    # stay at the noise of N − ts)
+    done = ((new - mu).abs() <= 0.5 * math.sqrt(4 * eps) * new) | ((n - ts).abs() <= 32 * eps * ts)
+    return new, lo, hi, done
+
+
+#: Whether :meth:`GroupLassoSPFisher.prox_` runs its native kernel on the CPU
+#: (``spbench/csrc/fisher_group_prox.cpp``: the same Newton solve one group at a time, the group
+#: held in the cache from its first pass to its last; several times faster than the torch
+#: operations, which make a pass over the whole tensor per operation): ``"auto"`` where its
+#: tensors of groups hold at least :data:`NATIVE_MIN_ELEMENTS` elements (a network whose steps
+#: amortise building the kernel, about a minute once per machine, see :mod:`spbench.native`),
+#: ``"always"``, or ``"never"`` (the torch operations). Where the kernel cannot be built (no C++
+#: compiler) a warning says so, once, and the torch operations are used. Both agree to rounding.
+NATIVE = "auto"
+NATIVE_MIN_ELEMENTS = 1 << 20
+
+
+def _native_kernel(multi: list[tuple[Tensor, ...]], t: float):
+    """The native module to run the proximal map of threshold ``t`` on these (parameter, w0, F)
+    triples of the CPU (:data:`NATIVE`), or None. It takes float32 and float64, t > 0."""
+    if NATIVE not in ("auto", "always", "never"):
+        raise ValueError(f"spbench.penalties.NATIVE must be 'auto', 'always' or 'never', not {NATIVE!r}")
+    if NATIVE == "never" or not multi or not t > 0 or multi[0][0].dtype not in (torch.float32, torch.float64):
+        return None
+    if NATIVE == "auto" and sum(p.numel() for p, _, _ in multi) < NATIVE_MIN_ELEMENTS:
+        return None
+    from . import native
+
+    return native.load()
+
+
+def _fisher_prox_native_(kernel, p: Tensor, w0: Tensor, f: Tensor, t: float, max_iterations: int = 100) -> None:
+    """The proximal map of :class:`GroupLassoSPFisher` on one tensor (two or more dimensions,
+    any layout), in place, by the native kernel (which takes contiguous [rows, K] tensors)."""
+    rows = p.detach() if p.is_contiguous() else p.detach().contiguous()
+    kernel.fisher_group_prox_(rows.view(p.shape[0], -1), _groups(w0).contiguous(), _groups(f).contiguous(),
+                              t, max_iterations)
+    if rows.data_ptr() != p.data_ptr():
+        p.copy_(rows.view(p.shape))
 
 
 def _fisher_group_prox_rows(d: Tensor, f: Tensor, t: float) -> Tensor:
