@@ -2,7 +2,9 @@
 """Cost of the penalties in one SGD-momentum training step, measured side by side.
 
 For every penalty in ``spbench.penalties.PENALTIES`` (smoothed variant; the non-smooth ones
-also with ``variant='prox'`` as separate rows), for ``none``, and for a BASELINE — the loss-term
+also with ``variant='prox'`` as separate rows; where ``gl_sp_fisher/prox`` runs its native CPU
+kernel, see ``spbench.penalties.NATIVE``, also ``gl_sp_fisher/prox-torch``, the same proximal map
+by the torch operations), for ``none``, and for a BASELINE — the loss-term
 L2-SP found in public transfer-learning code (a Python loop over the model's parameters
 summing ``(w - w0).pow(2).sum()`` with ``w0`` in a plain dict, times α/2, plus β/2‖head‖²,
 added to the loss and differentiated by autograd) — this times one full step:
@@ -45,6 +47,7 @@ from torch import nn
 
 from spbench.models import build_model, split_parameters
 from spbench.pipeline import device_name
+from spbench import penalties
 from spbench.penalties import PENALTIES, make_penalty
 
 NONE = "none"
@@ -176,6 +179,31 @@ class CpuPeak:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+TORCH_OPS = "gl_sp_fisher/prox-torch"
+
+
+class TorchOps(nn.Module):
+    """A proximal penalty whose ``prox_`` runs on the torch operations, not the native kernel
+    (spbench.penalties.NATIVE = 'never' for the call)."""
+
+    def __init__(self, penalty: nn.Module):
+        super().__init__()
+        self.penalty, self.name, self.variant = penalty, penalty.name, penalty.variant
+
+    def add_grad_(self) -> None:
+        self.penalty.add_grad_()
+
+    def prox_(self, lr: float) -> None:
+        saved, penalties.NATIVE = penalties.NATIVE, "never"
+        try:
+            self.penalty.prox_(lr)
+        finally:
+            penalties.NATIVE = saved
+
+    def describe(self) -> dict:
+        return self.penalty.describe()
+
+
 def penalty_state_bytes(pen: nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in pen.buffers())
 
@@ -250,6 +278,17 @@ def run(args: argparse.Namespace) -> dict:
             variants[f"{name}/prox"] = (prox, None)
         else:
             del prox
+    # gl_sp_fisher's proximal map by its native kernel (where spbench.penalties.NATIVE selects it)
+    # and, side by side, by the torch operations
+    fisher_prox = variants.get("gl_sp_fisher/prox", (None,))[0]
+    if fisher_prox is not None and device.type == "cpu" and penalties.NATIVE != "never":
+        t0 = time.perf_counter()
+        multi = [(p, w0, f) for p, w0, f in zip(fisher_prox._inherited, fisher_prox.w0.values(),
+                                                 fisher_prox.fisher.values()) if p.ndim >= 2]
+        if penalties._native_kernel(multi, args.lr * args.alpha) is not None:
+            log(f"gl_sp_fisher/prox: native kernel (spbench.penalties.NATIVE={penalties.NATIVE!r}), "
+                f"built or loaded in {time.perf_counter() - t0:.1f} s; torch operations as {TORCH_OPS}")
+            variants[TORCH_OPS] = (TorchOps(fisher_prox), None)
     none_pen = variants[NONE][0]
     variants[BASELINE] = (none_pen, LossTermL2SP(model, list(inherited), list(head), args.alpha, args.beta))
     names = list(variants)

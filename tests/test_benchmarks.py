@@ -32,6 +32,31 @@ def _positive(x) -> bool:
 
 def test_penalty_overhead_quick(capsys):
     res = _run("penalty_overhead.py", capsys)
+    assert "gl_sp_fisher/prox-torch" not in {row["variant"] for row in res["rows"]}  # the demo network is small
+
+
+def test_penalty_overhead_sets_the_native_kernel_beside_the_torch_operations(capsys, monkeypatch):
+    """Where gl_sp_fisher/prox runs its native kernel, the same map by the torch operations is
+    a row beside it, with the kernel's setting restored after each of its steps."""
+    import spbench.penalties as penalties
+
+    monkeypatch.setattr(penalties, "NATIVE_MIN_ELEMENTS", 0)
+    settings, kernels = [], []
+    real = penalties._native_kernel
+
+    def recorded(*args):
+        settings.append(penalties.NATIVE)
+        kernels.append(real(*args))
+        return kernels[-1]
+
+    monkeypatch.setattr(penalties, "_native_kernel", recorded)
+    res = _run("penalty_overhead.py", capsys)
+    rows = {row["variant"]: row for row in res["rows"]}
+    assert _positive(rows["gl_sp_fisher/prox-torch"]["penalty_only_ms"])
+    # the prox_ calls of gl_sp_fisher/prox ran the kernel, those of the torch row did not
+    assert {(s, k is None) for s, k in zip(settings, kernels)} == {("auto", False), ("never", True)}
+    assert rows["gl_sp_fisher/prox-torch"]["penalised_elements"] == rows["gl_sp_fisher/prox"]["penalised_elements"]
+    assert penalties.NATIVE == "auto"
     for key in ("device", "device_name", "torch", "arch", "batch", "image_size", "dtype", "memory_measure", "fisher", "rows"):
         assert key in res, key
     assert res["arch"] == "demo_resnet" and res["image_size"] == 16 and res["channels"] == 1
