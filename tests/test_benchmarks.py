@@ -33,6 +33,28 @@ def _positive(x) -> bool:
 def test_penalty_overhead_quick(capsys):
     res = _run("penalty_overhead.py", capsys)
     assert "gl_sp_fisher/prox-torch" not in {row["variant"] for row in res["rows"]}  # the demo network is small
+    for key in ("device", "device_name", "torch", "arch", "batch", "image_size", "dtype", "memory_measure", "fisher", "rows"):
+        assert key in res, key
+    assert res["arch"] == "demo_resnet" and res["image_size"] == 16 and res["channels"] == 1
+    rows = {row["variant"]: row for row in res["rows"]}
+    expected = set(PENALTIES) | {"baseline_loss_l2_sp", "l1_sp/prox", "gl_sp/prox", "gl_sp_fisher/prox"}
+    assert expected <= set(rows)
+    for name, row in rows.items():
+        for key in ("step_ms", "overhead_pct", "penalty_only_ms", "add_grad_ms", "penalised_elements", "peak_mem_delta_bytes", "state_bytes"):
+            assert key in row, (name, key)
+        assert _positive(row["step_ms"]), name
+        assert math.isfinite(row["overhead_pct"])
+        if name != "none":
+            assert _positive(row["penalised_elements"]), name
+            assert _positive(row["penalty_only_ms"]), name
+    assert rows["none"]["overhead_pct"] == 0
+    for name in ("l2_sp", "l2_sp_fisher", "baseline_loss_l2_sp"):
+        assert _positive(rows[name]["state_bytes"]), name
+    # The baseline penalises the same elements as l2_sp.
+    assert rows["baseline_loss_l2_sp"]["penalised_elements"] == rows["l2_sp"]["penalised_elements"]
+    ratio = res["baseline_over_l2_sp_overhead"]
+    assert ratio is None or math.isfinite(ratio)
+    assert _positive(res["baseline_over_l2_sp_penalty_only"])
 
 
 def test_penalty_overhead_sets_the_native_kernel_beside_the_torch_operations(capsys, monkeypatch):
@@ -57,28 +79,6 @@ def test_penalty_overhead_sets_the_native_kernel_beside_the_torch_operations(cap
     assert {(s, k is None) for s, k in zip(settings, kernels)} == {("auto", False), ("never", True)}
     assert rows["gl_sp_fisher/prox-torch"]["penalised_elements"] == rows["gl_sp_fisher/prox"]["penalised_elements"]
     assert penalties.NATIVE == "auto"
-    for key in ("device", "device_name", "torch", "arch", "batch", "image_size", "dtype", "memory_measure", "fisher", "rows"):
-        assert key in res, key
-    assert res["arch"] == "demo_resnet" and res["image_size"] == 16 and res["channels"] == 1
-    rows = {row["variant"]: row for row in res["rows"]}
-    expected = set(PENALTIES) | {"baseline_loss_l2_sp", "l1_sp/prox", "gl_sp/prox", "gl_sp_fisher/prox"}
-    assert expected <= set(rows)
-    for name, row in rows.items():
-        for key in ("step_ms", "overhead_pct", "penalty_only_ms", "add_grad_ms", "penalised_elements", "peak_mem_delta_bytes", "state_bytes"):
-            assert key in row, (name, key)
-        assert _positive(row["step_ms"]), name
-        assert math.isfinite(row["overhead_pct"])
-        if name != "none":
-            assert _positive(row["penalised_elements"]), name
-            assert _positive(row["penalty_only_ms"]), name
-    assert rows["none"]["overhead_pct"] == 0
-    for name in ("l2_sp", "l2_sp_fisher", "baseline_loss_l2_sp"):
-        assert _positive(rows[name]["state_bytes"]), name
-    # The baseline penalises the same elements as l2_sp.
-    assert rows["baseline_loss_l2_sp"]["penalised_elements"] == rows["l2_sp"]["penalised_elements"]
-    ratio = res["baseline_over_l2_sp_overhead"]
-    assert ratio is None or math.isfinite(ratio)
-    assert _positive(res["baseline_over_l2_sp_penalty_only"])
 
 
 def test_fisher_cost_quick(capsys):
