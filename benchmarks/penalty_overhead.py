@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spbench import penalties
 from spbench.models import build_model, split_parameters
 from spbench.pipeline import device_name
-from spbench import penalties
 from spbench.penalties import PENALTIES, make_penalty
 
 NONE = "none"
@@ -281,11 +281,9 @@ def run(args: argparse.Namespace) -> dict:
     # gl_sp_fisher's proximal map by its native kernel (where spbench.penalties.NATIVE selects it)
     # and, side by side, by the torch operations
     fisher_prox = variants.get("gl_sp_fisher/prox", (None,))[0]
-    if fisher_prox is not None and device.type == "cpu" and penalties.NATIVE != "never":
+    if fisher_prox is not None:
         t0 = time.perf_counter()
-        multi = [(p, w0, f) for p, w0, f in zip(fisher_prox._inherited, fisher_prox.w0.values(),
-                                                 fisher_prox.fisher.values()) if p.ndim >= 2]
-        if penalties._native_kernel(multi, args.lr * args.alpha) is not None:
+        if fisher_prox.runs_native(args.lr):
             log(f"gl_sp_fisher/prox: native kernel (spbench.penalties.NATIVE={penalties.NATIVE!r}), "
                 f"built or loaded in {time.perf_counter() - t0:.1f} s; torch operations as {TORCH_OPS}")
             variants[TORCH_OPS] = (TorchOps(fisher_prox), None)

@@ -508,6 +508,16 @@ class GroupLassoSPFisher(GroupLassoSP):
             cache[key] = bool(f.min() >= 1e-30)
         return cache[key]
 
+    def runs_native(self, lr: float) -> bool:
+        """Whether :meth:`prox_` at this ``lr`` runs the native kernel (on the CPU tensors,
+        where :data:`NATIVE` selects it)."""
+        if self.variant != "prox" or not self.alpha:
+            return False
+        lists = (self._inherited, self.w0.values(), self.fisher.values())
+        return any(params[0].device.type == "cpu"
+                   and _native_kernel(_tensors_of_rows(params, refs, fishers), lr * self.alpha) is not None
+                   for params, refs, fishers in _group_by_device_dtype(*lists))
+
     @torch.no_grad()
     def prox_(self, lr: float) -> None:
         if self.variant != "prox" or not self.alpha:
@@ -521,7 +531,7 @@ class GroupLassoSPFisher(GroupLassoSP):
                     us = _fisher_prox_single(diffs, [fishers[i] for i in single], lr * self.alpha)
                     for i, u in zip(single, us):
                         torch.add(refs[i], u, out=params[i])
-                multi = [(p, w0, f) for p, w0, f in zip(params, refs, fishers) if p.ndim >= 2 and p.numel()]
+                multi = _tensors_of_rows(params, refs, fishers)
                 kernel = _native_kernel(multi, lr * self.alpha)
                 if kernel is not None:
                     for p, w0, f in multi:
@@ -740,6 +750,12 @@ def _newton_update(mu: Tensor, lo: Tensor, hi: Tensor, s2: Tensor, s3: Tensor, t
 #: compiler) a warning says so, once, and the torch operations are used. Both agree to rounding.
 NATIVE = "auto"
 NATIVE_MIN_ELEMENTS = 1 << 20
+
+
+def _tensors_of_rows(params: list[Tensor], refs: list[Tensor], fishers: list[Tensor]) -> list[tuple[Tensor, ...]]:
+    """The (parameter, w0, F) triples whose groups are rows of several elements (two or more
+    dimensions, not empty): those of the Newton solve; 1-D tensors have a closed form."""
+    return [(p, w0, f) for p, w0, f in zip(params, refs, fishers) if p.ndim >= 2 and p.numel()]
 
 
 def _native_kernel(multi: list[tuple[Tensor, ...]], t: float):
