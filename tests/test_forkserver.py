@@ -23,8 +23,10 @@ from spbench.forkserver import delegate, in_worker
 delegate()
 mode = sys.argv[1]
 if mode == "wait":  # until SIGTERM, which writes a marker and exits 7 (as a preempted job fails)
-    def on_term(signum, frame):
-        open(sys.argv[2], "w").write("terminated")
+    def on_term(signum, frame):  # the marker appears whole (a test polls for it)
+        with open(sys.argv[2] + ".part", "w") as f:
+            f.write("terminated")
+        os.replace(sys.argv[2] + ".part", sys.argv[2])
         sys.exit(7)
     signal.signal(signal.SIGTERM, on_term)  # before the line the test waits for
 print(json.dumps({"worker": in_worker(), "cwd": os.getcwd(), "pid": os.getpid(), "argv": sys.argv[1:],
