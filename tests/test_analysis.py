@@ -13,6 +13,7 @@ from spbench.data import fold_split
 from spbench.methods import MethodContext, make_method
 from spbench.models import build_model, split_parameters
 from spbench.penalties import PENALTIES, make_penalty
+from spbench.pipeline import device_name
 
 
 def test_unit_r2_matches_numpy_regression():
@@ -72,6 +73,9 @@ def test_step_overhead_rows():
     assert by["l2_sp"]["step_flops"] == pytest.approx(by["none"]["step_flops"] + by["l2_sp"]["penalty_flops"])
     assert 0 < by["l2_sp"]["flops_ratio"] < by["gl_sp"]["flops_ratio"] < 1
     assert all(r["step_seconds"] > 0 and r["penalty_seconds"] >= 0 for r in rows)
+    # the device as records and benchmarks name it: the table says on what the steps were timed
+    assert {r["device"] for r in rows} == {device_name(torch.device("cpu"))}
+    assert rows[0]["device"].startswith("cpu: ") and "thread" in rows[0]["device"]
     assert set(PENALTIES) <= set(FLOPS_PER_ELEMENT)
     with pytest.raises(ValueError, match="lwf"):
         step_overhead("demo_resnet", ["lwf"], num_classes=3, in_channels=1, image_size=16, batch_size=4, repeats=1)

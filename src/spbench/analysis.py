@@ -112,6 +112,7 @@ def step_overhead(
     ``add_grad_`` alone."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .pipeline import device_name
     from .train import training_step
 
     dev = torch.device(device)
@@ -164,7 +165,7 @@ def step_overhead(
                 "flops_ratio": pf / (sf + pf),
                 "step_seconds": statistics.median(step_times),
                 "penalty_seconds": statistics.median(pen_times),
-                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "device": device_name(dev),
             }
         )
     return rows
