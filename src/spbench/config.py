@@ -18,7 +18,7 @@ import math
 from dataclasses import KW_ONLY, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -519,12 +519,20 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
 def _check_builder_args(task: str, builder, params: Mapping[str, Any]) -> None:
     """A task builder's arguments against its annotations: integers are integers (seeds ≥ 0,
     counts and sizes ≥ 1, rates percentages in 1..100), numbers finite and positive (fractions
-    below 1), strings not empty."""
+    below 1), strings not empty, a choice (``Literal[...]``) one of its values."""
     signature = inspect.signature(builder)
+    try:
+        hints = get_type_hints(builder)
+    except (NameError, TypeError):  # a plugin's annotation that does not resolve: the names alone
+        hints = {}
     for key, value in params.items():
         kind = str(signature.parameters[key].annotation)
         where = f"config key 'tasks.{task}.{key}'"
-        if kind == "int":
+        hint = hints.get(key)
+        if get_origin(hint) is Literal:
+            if value not in get_args(hint):
+                raise ConfigError(f"{where}: must be one of {list(get_args(hint))}, not {value!r}")
+        elif kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{where}: must be an integer, not {value!r}")
             low = 0 if key.endswith("seed") else 1

@@ -51,7 +51,7 @@ import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 
@@ -429,15 +429,17 @@ def stanford_cars(
     return _with_label_rate(task, label_rate, label_seed)
 
 
-#: FGVC-Aircraft's annotation levels and the files that name (and order) their classes.
-AIRCRAFT_LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
+#: FGVC-Aircraft's annotation levels (the config checks ``annotation`` against them before any
+#: job runs) and the files that name (and order) their classes.
+AircraftLevel = Literal["variant", "family", "manufacturer"]
+AIRCRAFT_LEVELS = dict(zip(get_args(AircraftLevel), ("variants.txt", "families.txt", "manufacturers.txt")))
 
 
 @register_task_builder
 def fgvc_aircraft(
     *,
     images: str,
-    annotation: str = "variant",
+    annotation: AircraftLevel = "variant",
     label_rate: int = 100,
     label_seed: int = 0,
     size: int = 256,
