@@ -12,3 +12,16 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slowest modules first (those that start cluster services, then the end-to-end
+    workflow runs), whole and in their own order: with several workers (make test's
+    ``pytest -n``) the long ones start at once instead of ending the run alone."""
+    def weight(item) -> int:
+        return 2 if item.get_closest_marker("cluster") else 1 if item.get_closest_marker("e2e") else 0
+
+    heaviest = {}
+    for item in items:
+        heaviest[item.path] = max(heaviest.get(item.path, 0), weight(item))
+    items.sort(key=lambda item: -heaviest[item.path])  # stable: each module keeps its order
