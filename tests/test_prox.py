@@ -453,6 +453,46 @@ def test_fisher_prox_step_in_float32_and_channels_last(native, monkeypatch):
     assert multi > 2 and len(by_kernel) == (3 * multi if native == "always" else 0)
 
 
+def test_native_fisher_prox_reads_channels_last_tensors_in_place():
+    """A channels_last kernel goes to the native kernel as is, its rows read in [O, kh, kw, I]
+    order (no copy of w, of w0, nor of F when they share its layout: the penalty stores F in
+    the parameter's layout), and lands where the contiguous one does, to float64 rounding (a
+    group's map does not depend on the order of its elements; its sums round in another
+    order); other layouts are copied and written back."""
+    from spbench import penalties
+    from spbench.models import build_model, split_parameters
+
+    real = _native()
+    seen = []
+
+    class Recording:
+        def fisher_group_prox_(self, w, w0, f, t, iterations):
+            seen.append((w.data_ptr(), w0.data_ptr(), f.data_ptr()))
+            real.fisher_group_prox_(w, w0, f, t, iterations)
+
+    d, f, t = _extreme_case(3, (24, 5, 3, 3))
+    w0 = torch.randn(d.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    expected = w0 + d
+    real.fisher_group_prox_(expected.view(24, -1), w0.reshape(24, -1), f.reshape(24, -1), t, 100)
+    for layout in (torch.channels_last, "transposed"):
+        if layout == "transposed":  # dims 1 and 0 swapped in memory: rows are not dense blocks
+            p, w0_, f_ = ((x.transpose(0, 1).contiguous().transpose(0, 1)) for x in (w0 + d, w0, f))
+        else:
+            p, w0_, f_ = (x.contiguous(memory_format=layout) for x in (w0 + d, w0, f))
+        seen.clear()
+        penalties._fisher_prox_native_(Recording(), p, w0_, f_, t)
+        torch.testing.assert_close(p, expected, rtol=1e-12, atol=1e-15)
+        in_place = seen == [(p.data_ptr(), w0_.data_ptr(), f_.data_ptr())]
+        assert in_place == (layout == torch.channels_last), (layout, seen)
+    model = build_model("demo_resnet", 3, 1).to(memory_format=torch.channels_last)
+    inherited, head = split_parameters(model)
+    fisher = {n: torch.rand(p.shape) for n, p in inherited.items()}  # contiguous, as estimated
+    pen = make_penalty("gl_sp_fisher", inherited, head, alpha=0.3, beta=0.0, fisher=fisher, variant="prox")
+    assert any(p.ndim == 4 and not p.is_contiguous() for p in inherited.values())
+    for n, p in inherited.items():
+        assert pen.fisher[n].stride() == p.stride() == pen.w0[n].stride() and torch.equal(pen.fisher[n], fisher[n])
+
+
 def _native():
     from spbench import native
 

@@ -125,7 +125,8 @@ class Penalty(nn.Module):
             for n, p in inherited.items():
                 if fisher[n].shape != p.shape:
                     raise ValueError(f"Fisher shape {tuple(fisher[n].shape)} != parameter shape {tuple(p.shape)} for {n}")
-            self.fisher = TensorStore({n: fisher[n].to(p) for n, p in inherited.items()})
+            # in each parameter's dtype, device and memory layout (channels_last too), as w0 is
+            self.fisher = TensorStore({n: torch.empty_like(p).copy_(fisher[n]) for n, p in inherited.items()})
 
     def describe(self) -> dict[str, int | float | str]:
         """Counts worth logging at start: which tensors get which weight."""
@@ -772,14 +773,26 @@ def _native_kernel(multi: list[tuple[Tensor, ...]], t: float):
     return native.load()
 
 
+def _dense_rows_order(p: Tensor) -> tuple[int, ...]:
+    """An order of ``p``'s dimensions, dim 0 first, under which ``p`` is contiguous where one
+    exists (each row, a group, then a dense block: e.g. a channels_last kernel's [O, kh, kw, I]);
+    else the identity."""
+    order = (0, *sorted(range(1, p.ndim), key=lambda d: -p.stride(d)))
+    return order if p.permute(order).is_contiguous() else tuple(range(p.ndim))
+
+
 def _fisher_prox_native_(kernel, p: Tensor, w0: Tensor, f: Tensor, t: float, max_iterations: int = 100) -> None:
     """The proximal map of :class:`GroupLassoSPFisher` on one tensor (two or more dimensions,
-    any layout), in place, by the native kernel (which takes contiguous [rows, K] tensors)."""
-    rows = p.detach() if p.is_contiguous() else p.detach().contiguous()
-    kernel.fisher_group_prox_(rows.view(p.shape[0], -1), _groups(w0).contiguous(), _groups(f).contiguous(),
-                              t, max_iterations)
+    any layout), in place, by the native kernel (which takes contiguous [rows, K] tensors).
+    A group's map does not depend on the order of its elements, so w, w0 and F are read in
+    the order in which p's rows are dense (no copy of w0 and F that share p's layout, nor of p)."""
+    order = _dense_rows_order(p)
+    w = p.detach().permute(order)
+    rows = w if w.is_contiguous() else w.contiguous()
+    kernel.fisher_group_prox_(rows.view(p.shape[0], -1), _groups(w0.permute(order).contiguous()),
+                              _groups(f.permute(order).contiguous()), t, max_iterations)
     if rows.data_ptr() != p.data_ptr():
-        p.copy_(rows.view(p.shape))
+        w.copy_(rows)
 
 
 def _fisher_group_prox_rows(d: Tensor, f: Tensor, t: float) -> Tensor:
