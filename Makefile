@@ -19,10 +19,11 @@ demo: $(STAMP)
 	$(BIN)/snakemake --cores all
 
 # The test modules run in parallel, one module per worker at a time (its fixtures are set up
-# once): one worker per physical core by default; make test TEST_WORKERS=0 runs them in this process.
+# once): one worker per physical core by default, at most 8 (each holds about 1 GB; the longest
+# module bounds the run beyond that); make test TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8 --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
