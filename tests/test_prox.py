@@ -453,13 +453,14 @@ def test_fisher_prox_step_in_float32_and_channels_last(native, monkeypatch):
     assert multi > 2 and len(by_kernel) == (3 * multi if native == "always" else 0)
 
 
-def test_native_fisher_prox_reads_channels_last_tensors_in_place():
-    """A channels_last kernel goes to the native kernel as is, its rows read in [O, kh, kw, I]
-    order (no copy of w, of w0, nor of F when they share its layout: the penalty stores F in
-    the parameter's layout), and lands where the contiguous one does, to float64 rounding (a
-    group's map does not depend on the order of its elements; its sums round in another
-    order); other layouts are copied and written back."""
-    from spbench import penalties
+def test_fisher_prox_reads_channels_last_tensors_in_place(monkeypatch):
+    """prox_ hands a channels_last kernel to the native kernel as is, its rows read in
+    [O, kh, kw, I] order (no copy of w, of w0, nor of F: the penalty stores F, estimated
+    contiguous, in the parameter's layout, as w0), and lands where the contiguous map does, to
+    float64 rounding (a group's map does not depend on the order of its elements; its sums
+    round in another order); so does the torch operations' path on the same views; a layout
+    whose rows are not dense blocks is copied and written back."""
+    from spbench import native, penalties
     from spbench.models import build_model, split_parameters
 
     real = _native()
@@ -470,20 +471,28 @@ def test_native_fisher_prox_reads_channels_last_tensors_in_place():
             seen.append((w.data_ptr(), w0.data_ptr(), f.data_ptr()))
             real.fisher_group_prox_(w, w0, f, t, iterations)
 
+    monkeypatch.setattr(native, "load", Recording)
     d, f, t = _extreme_case(3, (24, 5, 3, 3))
     w0 = torch.randn(d.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     expected = w0 + d
     real.fisher_group_prox_(expected.view(24, -1), w0.reshape(24, -1), f.reshape(24, -1), t, 100)
     for layout in (torch.channels_last, "transposed"):
-        if layout == "transposed":  # dims 1 and 0 swapped in memory: rows are not dense blocks
-            p, w0_, f_ = ((x.transpose(0, 1).contiguous().transpose(0, 1)) for x in (w0 + d, w0, f))
-        else:
-            p, w0_, f_ = (x.contiguous(memory_format=layout) for x in (w0 + d, w0, f))
-        seen.clear()
-        penalties._fisher_prox_native_(Recording(), p, w0_, f_, t)
-        torch.testing.assert_close(p, expected, rtol=1e-12, atol=1e-15)
-        in_place = seen == [(p.data_ptr(), w0_.data_ptr(), f_.data_ptr())]
-        assert in_place == (layout == torch.channels_last), (layout, seen)
+        for how in ("always", "never"):
+            if layout == "transposed":  # dims 1 and 0 swapped in memory: rows are not dense blocks
+                weight = torch.nn.Parameter(w0.transpose(0, 1).contiguous().transpose(0, 1))
+            else:
+                weight = torch.nn.Parameter(w0.contiguous(memory_format=layout))
+            pen = make_penalty("gl_sp_fisher", {"w": weight}, {}, alpha=t, beta=0.0, fisher={"w": f}, variant="prox")
+            with torch.no_grad():
+                weight.add_(d)
+            monkeypatch.setattr(penalties, "NATIVE", how)
+            seen.clear()
+            pen.prox_(1.0)
+            torch.testing.assert_close(weight.detach(), expected, rtol=1e-12, atol=1e-15)
+            assert pen.fisher["w"].stride() == weight.stride() == pen.w0["w"].stride()
+            assert len(seen) == (how == "always"), (layout, how, seen)
+            in_place = seen == [(weight.data_ptr(), pen.w0["w"].data_ptr(), pen.fisher["w"].data_ptr())]
+            assert in_place == (layout == torch.channels_last and how == "always"), (layout, how, seen)
     model = build_model("demo_resnet", 3, 1).to(memory_format=torch.channels_last)
     inherited, head = split_parameters(model)
     fisher = {n: torch.rand(p.shape) for n, p in inherited.items()}  # contiguous, as estimated

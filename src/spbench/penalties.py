@@ -533,18 +533,20 @@ class GroupLassoSPFisher(GroupLassoSP):
                     for i, u in zip(single, us):
                         torch.add(refs[i], u, out=params[i])
                 multi = _tensors_of_rows(params, refs, fishers)
+                # each tensor's rows as dense blocks where its layout allows (channels_last too)
+                dense = [_in_dense_rows_order(*triple) for triple in multi]
                 kernel = _native_kernel(multi, lr * self.alpha)
                 if kernel is not None:
-                    for p, w0, f in multi:
+                    for p, w0, f in dense:
                         _fisher_prox_native_(kernel, p, w0, f, lr * self.alpha)
                     continue
                 if not multi:
                     continue
                 # one workspace: a block's departure d and the solver's three scratch tensors
-                size = max(p.numel() if not p.is_contiguous() else _block_numel(p) for p, _, _ in multi)
+                size = max(p.numel() if not p.is_contiguous() else _block_numel(p) for p, _, _ in dense)
                 work = torch.empty(4 * size, dtype=params[0].dtype, device=params[0].device)
-                for p, w0, f in multi:
-                    floored = self._floored(f)
+                for (p, w0, f), (_, _, fisher) in zip(dense, multi):
+                    floored = self._floored(fisher)  # cached per stored tensor, not per view
                     if p.is_contiguous():  # by blocks of rows, in place
                         for sl in _row_slices(p):
                             n = (sl.stop - sl.start) * p[0].numel()
@@ -773,26 +775,27 @@ def _native_kernel(multi: list[tuple[Tensor, ...]], t: float):
     return native.load()
 
 
-def _dense_rows_order(p: Tensor) -> tuple[int, ...]:
-    """An order of ``p``'s dimensions, dim 0 first, under which ``p`` is contiguous where one
-    exists (each row, a group, then a dense block: e.g. a channels_last kernel's [O, kh, kw, I]);
-    else the identity."""
+def _in_dense_rows_order(p: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
+    """``p`` and tensors of its shape, as views whose dimensions after the first are in the
+    order under which ``p`` is contiguous, where one exists (each row, a group, then a dense
+    block: a channels_last kernel's [O, kh, kw, I]); else as they are. A group's proximal map
+    does not depend on the order of its elements, so the row paths can read these views in
+    place instead of copying."""
     order = (0, *sorted(range(1, p.ndim), key=lambda d: -p.stride(d)))
-    return order if p.permute(order).is_contiguous() else tuple(range(p.ndim))
+    if not p.permute(order).is_contiguous():
+        order = tuple(range(p.ndim))
+    return tuple(t.permute(order) for t in (p, *others))
 
 
 def _fisher_prox_native_(kernel, p: Tensor, w0: Tensor, f: Tensor, t: float, max_iterations: int = 100) -> None:
     """The proximal map of :class:`GroupLassoSPFisher` on one tensor (two or more dimensions,
-    any layout), in place, by the native kernel (which takes contiguous [rows, K] tensors).
-    A group's map does not depend on the order of its elements, so w, w0 and F are read in
-    the order in which p's rows are dense (no copy of w0 and F that share p's layout, nor of p)."""
-    order = _dense_rows_order(p)
-    w = p.detach().permute(order)
-    rows = w if w.is_contiguous() else w.contiguous()
-    kernel.fisher_group_prox_(rows.view(p.shape[0], -1), _groups(w0.permute(order).contiguous()),
-                              _groups(f.permute(order).contiguous()), t, max_iterations)
+    any layout), in place, by the native kernel (which takes contiguous [rows, K] tensors:
+    a tensor that is not is copied, and p written back)."""
+    rows = p.detach().contiguous()
+    kernel.fisher_group_prox_(rows.view(p.shape[0], -1), _groups(w0.contiguous()), _groups(f.contiguous()),
+                              t, max_iterations)
     if rows.data_ptr() != p.data_ptr():
-        w.copy_(rows)
+        p.copy_(rows)
 
 
 def _fisher_group_prox_rows(d: Tensor, f: Tensor, t: float) -> Tensor:
