@@ -50,7 +50,7 @@ rule overhead:
     params:
         arch=lambda wildcards: config["sources"][wildcards.source]["arch"],
         penalties=[m for m in config["grid"]["methods"] if m in PENALTIES],
-        options=config.get("figures", {}).get("overhead", {}),
+        options=canonical(config.get("figures", {}).get("overhead", {})),
     threads: config["finetune"]["threads"]
     resources:
         **get_cluster_resources(),

@@ -56,6 +56,18 @@ def get_source_task_files(wildcards):
     return task_files(config["sources"][wildcards.source]["task"])
 
 
+def canonical(value):
+    """``value`` with the keys of every mapping in it sorted, recursively; lists keep their
+    order. Snakemake compares a job's params by their repr, and a dict's repr follows the
+    order of its keys in the config file: a param made of a config section goes through this,
+    so that writing the same section with its keys in another order reruns nothing."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value, key=lambda k: (str(k), type(k).__name__))}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return value
+
+
 def report_options():
     """The options passed to the report builders, as a param of the report (a change reruns it)."""
     figures = config.get("figures", {})

@@ -12,7 +12,7 @@ rule prepare_task:
     log:
         "logs/prepare_task/{task}.log",
     params:
-        spec=lambda wildcards: config["tasks"][wildcards.task],
+        spec=lambda wildcards: canonical(config["tasks"][wildcards.task]),
     conda:
         "../envs/spbench.yaml"
     script:

@@ -19,7 +19,7 @@ rule download:
     log:
         "logs/download/{download}/{filename}.log",
     params:
-        spec=lambda wildcards: config["downloads"][wildcards.download],
+        spec=lambda wildcards: canonical(config["downloads"][wildcards.download]),
     conda:
         "../envs/spbench.yaml"
     script:
@@ -37,7 +37,7 @@ rule manual_download:
     log:
         "logs/download/{download}/{filename}.log",
     params:
-        spec=lambda wildcards: config["downloads"][wildcards.download],
+        spec=lambda wildcards: canonical(config["downloads"][wildcards.download]),
     conda:
         "../envs/spbench.yaml"
     script:

@@ -10,7 +10,7 @@ rule estimate_fisher:
     log:
         "logs/fisher/{source}.log",
     params:
-        fisher=config["fisher"],
+        fisher=canonical(config["fisher"]),
     threads: config["finetune"]["threads"]
     resources:
         **get_cluster_resources(),

@@ -14,7 +14,7 @@ rule pretrain_source:
     log:
         "logs/source/{source}.log",
     params:
-        spec=lambda wildcards: config["sources"][wildcards.source],
+        spec=lambda wildcards: canonical(config["sources"][wildcards.source]),
     threads: config["finetune"]["threads"]
     resources:
         **get_cluster_resources(),
@@ -36,7 +36,7 @@ rule source_from_file:
     log:
         "logs/source/{source}.log",
     params:
-        spec=lambda wildcards: config["sources"][wildcards.source],
+        spec=lambda wildcards: canonical(config["sources"][wildcards.source]),
     resources:
         **get_cluster_resources(),
     conda:
@@ -57,7 +57,7 @@ rule source_from_download:
     log:
         "logs/source/{source}.log",
     params:
-        spec=lambda wildcards: config["sources"][wildcards.source],
+        spec=lambda wildcards: canonical(config["sources"][wildcards.source]),
     threads: config["finetune"]["threads"]
     resources:
         mem_mb=8000,

@@ -68,19 +68,21 @@ def test_no_configfile_runs_the_demo():
 def finished(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("reruns")
     config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
-    config["grid"]["methods"] = {"none": {}, "l2": {"alpha": [0.01]}, "l2_sp": {"alpha": [0.01, 0.1]}}
-    config["figures"] = {"activations": {"target": "digits-mod3-k5", "methods": ["l2", "l2_sp"], "max_images": 64}}
+    config["grid"]["methods"] = {"none": {}, "l2": {"alpha": [0.01]}, "l2_sp": {"alpha": [0.01, 0.1]},
+                                 "l2_sp_fisher": {"alpha": [0.1]}}
+    config["figures"] = {"activations": {"target": "digits-mod3-k5", "methods": ["l2", "l2_sp"], "max_images": 64},
+                         "overhead": {"batch_size": 8, "repeats": 2}}
     # no model selection: a dry run cannot see past a checkpoint that must rerun, and every
     # run should be visible to these checks
     del config["selection"]
     config["tracking"]["log_from"] = "end"  # one job logs every run at the end
-    (work / "c.yaml").write_text(yaml.safe_dump(config))
+    (work / "c.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     _run(["-s", str(REPO / "Snakefile"), "--directory", str(work), "--configfile", "c.yaml", "--cores", "2"], work)
     return work
 
 
 def _dry(work: Path, config: dict) -> dict[str, int]:
-    (work / "changed.yaml").write_text(yaml.safe_dump(config))
+    (work / "changed.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     out = _run(["-s", str(REPO / "Snakefile"), "--directory", str(work), "--configfile", "changed.yaml", "-n"], work)
     return _planned(out)
 
@@ -90,22 +92,68 @@ def test_unchanged_config_has_nothing_to_do(finished):
     assert _dry(finished, config) == {}
 
 
+# The mappings whose order means something: the order of the methods, tasks and sources is
+# the order of the tables' rows and columns.
+_ORDERED = {("grid", "methods"), ("tasks",), ("sources",)}
+
+
+def _keys_reversed(value, path=()):
+    """The config with the keys of every other mapping in it, at every depth, in reverse order."""
+    if not isinstance(value, dict):
+        return value
+    items = list(value.items()) if path in _ORDERED else list(value.items())[::-1]
+    return {k: _keys_reversed(v, (*path, k)) for k, v in items}
+
+
+def test_the_same_config_with_its_keys_in_another_order_has_nothing_to_do(finished):
+    """Snakemake compares params by repr, which for a dict follows the file's key order: the
+    rules pass config sections (a task's spec, a source's, the Fisher's, an analysis's options)
+    with their keys sorted, so that rewriting the file so reruns no job."""
+    config = yaml.safe_load((finished / "c.yaml").read_text())
+    reordered = _keys_reversed(config)
+    assert list(reordered) == list(config)[::-1] and list(reordered["fisher"]) == list(config["fisher"])[::-1]
+    assert reordered == config
+    assert _dry(finished, reordered) == {}
+
+
+def test_the_order_of_the_methods_is_kept(finished):
+    """The order of grid.methods is the order of the overhead table's penalties: changing it
+    reruns that analysis (and the report), and nothing trains again."""
+    config = yaml.safe_load((finished / "c.yaml").read_text())
+    config["grid"]["methods"] = dict(reversed(list(config["grid"]["methods"].items())))
+    planned = _dry(finished, config)
+    assert planned.get("overhead") == 1 and "report" in planned, planned
+    assert "finetune_main" not in planned and "estimate_fisher" not in planned and "prepare_task" not in planned
+
+
 def test_a_finetune_key_reruns_every_finetune_and_what_follows(finished):
     config = yaml.safe_load((finished / "c.yaml").read_text())
     config["finetune"]["steps"] += 1
     planned = _dry(finished, config)
-    # none, l2, l2_sp at two settings: four run groups (each job trains its two replicates)
-    assert planned.get("finetune_main") == 4, planned
+    # none, l2, l2_sp at two settings, l2_sp_fisher: five run groups (each job trains its two
+    # replicates)
+    assert planned.get("finetune_main") == 5, planned
     assert {"aggregate", "report", "activations"} <= set(planned)
     assert "prepare_task" not in planned and "pretrain_source" not in planned and "estimate_fisher" not in planned
 
 
-def test_a_new_method_adds_its_runs_and_its_fisher_only(finished):
+def test_a_new_method_adds_its_runs_only(finished):
+    """gl_sp_fisher reads the Fisher that l2_sp_fisher already made: its group (two replicates)
+    is the one new job, and the Fisher is not estimated again."""
     config = yaml.safe_load((finished / "c.yaml").read_text())
-    config["grid"]["methods"]["l2_sp_fisher"] = {"alpha": [0.1]}
+    config["grid"]["methods"]["gl_sp_fisher"] = {"alpha": [0.001]}
     planned = _dry(finished, config)
-    assert planned.get("finetune_main") == 1, planned  # the new method's group (two replicates), nothing else
-    assert planned.get("estimate_fisher") == 1
+    assert planned.get("finetune_main") == 1, planned
+    assert "estimate_fisher" not in planned and "prepare_task" not in planned
+
+
+def test_a_fisher_key_reruns_the_fisher_and_its_methods_only(finished):
+    config = yaml.safe_load((finished / "c.yaml").read_text())
+    config["fisher"]["num_examples"] = 32
+    planned = _dry(finished, config)
+    assert planned.get("estimate_fisher") == 1, planned
+    assert planned.get("finetune_main") == 1, planned  # l2_sp_fisher's group only
+    assert "prepare_task" not in planned and "pretrain_source" not in planned
 
 
 def test_a_figure_option_reruns_its_analysis_only(finished):
