@@ -3,6 +3,11 @@
 # the chosen setting in their paths.
 
 
+localrules:
+    select_setting,
+    halve,
+
+
 checkpoint select_setting:
     input:
         unpack(get_selection_inputs),

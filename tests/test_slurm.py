@@ -10,6 +10,7 @@ configuration must be /etc/slurm/slurm.conf (an existing one that is not ours is
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -128,11 +129,11 @@ def slurm_cluster(tmp_path_factory):
 
 
 def small_grid(workdir: Path) -> Path:
-    """config/tiny.yaml on one replicate and two methods (one with Fisher): four Slurm jobs."""
+    """config/tiny.yaml on one replicate and two methods (one with Fisher), l2_sp_fisher's α
+    chosen between two values on a training fold (`none` has one candidate: no selection)."""
     config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
     config["grid"]["replicates"] = 1
-    config["grid"]["methods"] = {"none": {}, "l2_sp_fisher": {"alpha": [0.1], "beta": [0.01]}}
-    config.pop("selection", None)
+    config["grid"]["methods"] = {"none": {}, "l2_sp_fisher": {"alpha": [0.01, 0.1], "beta": [0.01]}}
     config.pop("figures", None)
     path = workdir / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -141,7 +142,8 @@ def small_grid(workdir: Path) -> Path:
 
 def test_profile_runs_the_workflow_on_slurm(slurm_cluster, tmp_path):
     """`snakemake --profile slurm` (the README's command, from the checkout) sends the heavy
-    rules to Slurm, packs the fine-tunes into one allocation, and finishes the workflow."""
+    rules to Slurm, packs the fine-tunes of model selection into one allocation and those of
+    the main grid into another, chooses the setting locally, and finishes the workflow."""
     configfile = small_grid(tmp_path)
     cmd = [
         SNAKEMAKE, "--profile", "slurm", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
@@ -156,16 +158,24 @@ def test_profile_runs_the_workflow_on_slurm(slurm_cluster, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     runs = read_parquet(tmp_path / "results" / "runs.parquet")
-    assert sorted(runs["method"]) == ["l2_sp_fisher", "none"]
-    assert sorted(runs["run_key"]) == ["main/digits-src/digits-mod3-k5/l2_sp_fisher/alpha=0.1_beta=0.01_lr=0.01/freeze0/test/rep0",
-                                       "main/digits-src/digits-mod3-k5/none/lr=0.01/freeze0/test/rep0"]
+    main = "main/digits-src/digits-mod3-k5"
+    selected = json.loads((tmp_path / "results" / "selection" / "digits-src" / "digits-mod3-k5" / "l2_sp_fisher.json").read_text())
+    alpha = selected["selected"]["alpha"]
+    assert alpha in (0.01, 0.1)
+    assert sorted(runs.loc[runs["evaluation"] == "test", "run_key"]) == [
+        f"{main}/l2_sp_fisher/alpha={alpha}_beta=0.01_lr=0.01/freeze0/test/rep0", f"{main}/none/lr=0.01/freeze0/test/rep0"]
+    assert sorted(runs.loc[runs["evaluation"] == "val0", "setting"]) == ["alpha=0.01_beta=0.01_lr=0.01",
+                                                                       "alpha=0.1_beta=0.01_lr=0.01"]
     assert (tmp_path / "reports" / "table2.md").exists()
-    # pretrain_source, estimate_fisher and one group of two fine-tunes went through sbatch
+    # pretrain_source, estimate_fisher, the two selection runs (one allocation) and the two
+    # main-grid fine-tunes (another) went through sbatch; the light rules ran here
     submitted = [line for line in log.splitlines() if "has been submitted with SLURM jobid" in line]
-    assert len(submitted) == 3, "\n".join(submitted)
-    assert sum("group_finetunes" in line for line in submitted) == 1
+    assert len(submitted) == 4, "\n".join(submitted)
+    assert [("finetune_select" in line, "finetune_main" in line) for line in submitted if "group_finetunes" in line] == [
+        (True, False), (False, True)]
     for rule in ("prepare_task", "init_tracking", "aggregate", "report"):
         assert f"localrule {rule}:" in log, rule
+    assert "localcheckpoint select_setting:" in log
     # Slurm ran them: finished jobs stay listed for MinJobAge (300 s)
     states = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T"], capture_output=True, text=True, timeout=30)
     ids = {re.search(r"SLURM jobid (\d+)", line).group(1) for line in submitted}
