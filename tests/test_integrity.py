@@ -94,3 +94,43 @@ def test_digest_covers_dtype_shape_and_order_independence():
     assert content_digest(a) != content_digest({"x": torch.zeros(3, 2), "y": [1, 2.0, "s"]})
     assert content_digest(a) != content_digest({"x": torch.zeros(2, 3, dtype=torch.float64), "y": [1, 2.0, "s"]})
     assert content_digest({"b": torch.zeros((), dtype=torch.int64)})  # 0-d tensors (batch-norm counters)
+
+
+def test_a_fisher_file_of_another_source_model_is_refused(tmp_path):
+    """A fine-tune refuses a Fisher file estimated on another source model (its recorded
+    digest of the source differs) before it trains, naming the file and the fix; with the
+    Fisher of its own source model the same run goes through."""
+    import copy
+
+    import yaml
+
+    from spbench.config import RunSpec, validate_config
+    from spbench.pipeline import build_source, compute_fisher, finetune_run, prepare_task_from_config
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "tiny.yaml").read_text())
+    raw["finetune"].update(steps=2, batch_size=8)
+    config = validate_config(raw)
+    data = tmp_path / "data"
+    for task in ("digits-src", "digits-mod3-k5"):
+        prepare_task_from_config(config, task, data / task)
+    for seed in (0, 1):  # two source models: the same recipe, another seed
+        other = copy.deepcopy(config)
+        other["sources"]["digits-src"]["pretrain"]["seed"] = seed
+        src = tmp_path / f"source{seed}"
+        src.mkdir()
+        build_source(other, "digits-src", data / "digits-src", src / "model.pt", src / "info.json")
+        compute_fisher(other, "digits-src", src / "model.pt", data / "digits-src", src / "fisher.pt")
+    spec = RunSpec("digits-src", "digits-mod3-k5", "l2_sp_fisher", {"alpha": 0.1, "beta": 0.01, "lr": 0.01}, 0, 0)
+
+    def run(fisher_of: int, name: str):
+        return finetune_run(config, spec, source_model=str(tmp_path / "source0" / "model.pt"),
+                            source_info=str(tmp_path / "source0" / "info.json"),
+                            target_dir=str(data / "digits-mod3-k5"), source_dir=str(data / "digits-src"),
+                            fisher_path=str(tmp_path / f"source{fisher_of}" / "fisher.pt"),
+                            record_out=str(tmp_path / name / "record.json"))
+
+    with pytest.raises(DamagedArtifactError, match=r"source1/fisher\.pt was estimated on another .*rerun snakemake"):
+        run(1, "mismatched")
+    assert not (tmp_path / "mismatched" / "record.json").exists()
+    record, _ = run(0, "matched")
+    assert record["method"] == "l2_sp_fisher" and (tmp_path / "matched" / "record.json").exists()
