@@ -24,7 +24,9 @@ import pytest
 import yaml
 
 from spbench.results import read_parquet, read_record
-from spbench.tracking import run_name, runs_page
+from spbench.tracking import ATTEMPTS, init_experiment, log_run, run_name, runs_page, server_answers
+from test_results import make_record
+from test_tracking import fail_one_log_batch
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -135,6 +137,43 @@ def test_parallel_workflow_logs_every_run_once(server, parallel_workflow):
     assert not (parallel_workflow / "results" / "mlflow.db").exists()  # nothing went to a local store
 
 
+def test_a_failed_request_to_a_server_that_answers_is_retried(server, monkeypatch):
+    """A request that fails while the server still answers /health (a locked database under a
+    parallel workflow) is tried again: one FINISHED run, the failed attempt's run deleted."""
+    from mlflow.tracking import MlflowClient
+
+    assert server_answers(server)
+    exp_id = init_experiment(server, "spbench-retry")
+    failures = fail_one_log_batch(monkeypatch)
+    record = make_record(run_key="main/s/t/l2_sp/alpha=0.1_beta=0.01_lr=0.5/freeze0/test/rep0", freeze=0)
+    run_id = log_run(server, "spbench-retry", record, {"run": {"seed": 7}}, [1.0, 0.5])
+    assert run_id is not None and failures and failures[0] != run_id
+    client = MlflowClient(tracking_uri=server)
+    assert [(r.info.run_id, r.info.status) for r in client.search_runs([exp_id])] == [(run_id, "FINISHED")]
+    assert client.get_run(failures[0]).info.lifecycle_stage == "deleted"
+
+
+def test_a_server_that_keeps_failing_is_tried_attempts_times(server, monkeypatch):
+    """Every request fails but /health answers: three attempts, then None, and no run left
+    RUNNING (each attempt's half-logged run is marked FAILED, then replaced by the next)."""
+    from mlflow.tracking import MlflowClient
+
+    exp_id = init_experiment(server, "spbench-failing")
+    created = []
+
+    def failing(self, run_id, **kwargs):
+        created.append(run_id)
+        raise RuntimeError("internal server error")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", failing)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    assert log_run(server, "spbench-failing", make_record(), {}, [1.0]) is None
+    assert len(created) == ATTEMPTS
+    client = MlflowClient(tracking_uri=server)
+    active = client.search_runs([exp_id])
+    assert [(r.info.run_id, r.info.status) for r in active] == [(created[-1], "FAILED")]
+
+
 def test_outage_keeps_records_and_sync_logs_them_once(tmp_path):
     """Server down: every fine-tune finishes with its record. Server back: `snakemake
     sync_tracking` logs each run once; a second sync and a retried fine-tune add nothing."""
@@ -169,7 +208,6 @@ def test_outage_keeps_records_and_sync_logs_them_once(tmp_path):
 def test_sync_fails_while_the_server_is_down(tmp_path):
     """With the server still down, sync_tracking fails and says how many runs are missing."""
     from spbench.tracking import sync_runs
-    from test_results import make_record
 
     counts = sync_runs(f"http://127.0.0.1:{free_port()}", "x", [make_record(run_key="a/b")], timeout_s=20)
     assert counts == {"records": 1, "already": 0, "logged": 0, "failed": 1}

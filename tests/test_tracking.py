@@ -4,8 +4,28 @@ from __future__ import annotations
 
 import time
 
-from spbench.tracking import RUN_KEY_TAG, flatten, init_experiment, log_run
+import spbench.tracking as tracking
+from spbench.tracking import ATTEMPTS, RUN_KEY_TAG, flatten, init_experiment, log_run, server_answers
 from test_results import make_record
+
+
+def fail_one_log_batch(monkeypatch, at: int = 1) -> list[str]:
+    """Make the ``at``-th call of MlflowClient.log_batch raise (a locked database); returns the
+    list that receives the run id of the call that failed. Pauses between tries are skipped."""
+    from mlflow.tracking import MlflowClient
+
+    real, calls, failures = MlflowClient.log_batch, [], []
+
+    def flaky(self, run_id, **kwargs):
+        calls.append(run_id)
+        if len(calls) == at:
+            failures.append(run_id)
+            raise RuntimeError("database is locked")
+        return real(self, run_id, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    return failures
 
 
 def test_log_run_once_per_identity(tmp_path):
@@ -38,17 +58,7 @@ def test_local_store_failure_is_retried_and_leaves_no_running_run(tmp_path, monk
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp_id = init_experiment(uri, "t")
-    real = MlflowClient.log_batch
-    failures = []
-
-    def flaky(self, run_id, **kwargs):
-        if not failures:
-            failures.append(run_id)
-            raise RuntimeError("database is locked")
-        return real(self, run_id, **kwargs)
-
-    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
-    monkeypatch.setattr(time, "sleep", lambda s: None)
+    failures = fail_one_log_batch(monkeypatch)
     record = make_record(run_key="main/s/t/l2_sp/alpha=0.1_beta=0.01_lr=0.5/freeze0/test/rep0", freeze=0)
     run_id = log_run(uri, "t", record, {"run": {"seed": 7}}, [1.0, 0.5])
     assert run_id is not None and failures and failures[0] != run_id
@@ -66,6 +76,57 @@ def test_unreachable_server_does_not_raise_or_hang(monkeypatch):
     # Port 9 (discard) on loopback: nothing listens there.
     assert log_run("http://127.0.0.1:9", "t", make_record(), {}, [1.0], timeout_s=20) is None
     assert time.monotonic() - start < 25
+
+
+def _failing_log(monkeypatch, error: Exception) -> tuple[list, list]:
+    """Every logging attempt raises ``error``; returns the URIs tried and the pauses taken."""
+    calls, sleeps = [], []
+
+    def failing(uri, *args, **kwargs):
+        calls.append(uri)
+        raise error
+
+    monkeypatch.setattr(tracking, "_log", failing)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    return calls, sleeps
+
+
+def test_a_server_that_does_not_answer_is_tried_once(monkeypatch):
+    """A failed attempt on a server that does not answer /health is not repeated: the server
+    is down, and the run is left to `sync_tracking` (no minutes of retries against an outage)."""
+    calls, sleeps = _failing_log(monkeypatch, ConnectionError("connection refused"))
+    assert not server_answers("http://127.0.0.1:9", timeout_s=2)
+    assert log_run("http://127.0.0.1:9", "t", make_record(), {}, [1.0], timeout_s=20) is None
+    assert calls == ["http://127.0.0.1:9"] and sleeps == []
+
+
+def test_a_local_store_that_keeps_failing_is_tried_attempts_times(tmp_path, monkeypatch):
+    """Three tries, a growing pause between, then None (the record file keeps the run)."""
+    calls, sleeps = _failing_log(monkeypatch, RuntimeError("database is locked"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert log_run(uri, "t", make_record(), {}, [1.0]) is None
+    assert len(calls) == ATTEMPTS == 3 and sleeps == [1, 2]
+
+
+def test_an_attempt_that_timed_out_is_not_repeated(tmp_path, monkeypatch):
+    """An attempt still running at the deadline may yet land: a second one could log the run
+    twice, so log_run gives up and leaves it to `sync_tracking`."""
+    import threading
+
+    calls, release = [], threading.Event()
+
+    def hanging(*args, **kwargs):
+        calls.append(args[0])
+        release.wait(10)
+        raise RuntimeError("released")
+
+    monkeypatch.setattr(tracking, "_log", hanging)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    try:
+        assert log_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", make_record(), {}, [1.0], timeout_s=0.2) is None
+        assert len(calls) == 1
+    finally:
+        release.set()
 
 
 def test_flatten():
@@ -155,3 +216,23 @@ def test_sync_logs_each_missing_record_once_and_replaces_a_half_logged_run(tmp_p
         assert len(run.data.params) == 130
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1200
     assert sync_runs(uri, "t", records) == {"records": 3, "already": 3, "logged": 0, "failed": 0}
+
+
+def test_sync_retries_a_record_whose_logging_failed_once(tmp_path, monkeypatch):
+    """One failed write in the middle of a sync does not stop it: the record is tried again,
+    its failed attempt's run is replaced, and every record ends as one FINISHED run."""
+    from mlflow.tracking import MlflowClient
+
+    from spbench.tracking import sync_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = init_experiment(uri, "t")
+    records = [make_record(run_key=f"main/s/t/l2/alpha=0.1_beta=0.01_lr=0.5/freeze0/test/rep{r}", replicate=r,
+                           config_json="{}", train_loss=[1.0, 0.5]) for r in range(3)]
+    failures = fail_one_log_batch(monkeypatch, at=2)  # the second record's first write
+    assert sync_runs(uri, "t", records) == {"records": 3, "already": 0, "logged": 3, "failed": 0}
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([exp_id])
+    assert sorted(r.data.tags[RUN_KEY_TAG] for r in runs) == sorted(r["run_key"] for r in records)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert client.get_run(failures[0]).info.lifecycle_stage == "deleted"

@@ -4,8 +4,9 @@ The run's JSON record is the source of truth; MLflow is a browsable copy. Loggin
 after the record is written, in a worker thread with a deadline: on any error or timeout a
 warning is logged and the run still succeeds. A run's identity (its ``run_key``) is stored as
 the tag ``spbench.run_key``; logging a key that already has a finished run does nothing, so
-a retried job never creates a duplicate. When the server was down, :func:`sync_runs` logs
-the records that MLflow lacks, later.
+a retried job never creates a duplicate. Logging that fails while the store is up (a local
+store, or a server that still answers ``/health``) is tried again; when the server was down,
+:func:`sync_runs` logs the records that MLflow lacks, later.
 
 Server mode: ``python -m spbench.tracking serve`` starts ``mlflow server`` (SQLite or
 PostgreSQL store, an artifact folder) bound to 127.0.0.1 unless told otherwise; every job of
@@ -15,6 +16,7 @@ a workflow whose ``tracking.uri`` is the server's URL logs to it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -22,11 +24,13 @@ import secrets
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 __all__ = [
     "init_experiment",
+    "server_answers",
     "try_init_experiment",
     "log_run",
     "logged_keys",
@@ -39,8 +43,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "spbench.run_key"
-#: Tries of :func:`log_run` on a local store (SQLite, files), where a failure is not an outage.
-LOCAL_ATTEMPTS = 3
+#: Tries of :func:`log_run` while the store is up: a local store (SQLite, files) that fails,
+#: or a server that fails a request but still answers ``/health``, is busy or failed once.
+ATTEMPTS = 3
+#: Seconds that :func:`server_answers` waits for ``/health``.
+HEALTH_TIMEOUT_S = 5.0
 #: Outcome columns of the record logged as final metrics.
 FINAL_METRICS = (
     "test_accuracy",
@@ -208,9 +215,25 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def _with_deadline(work: Callable[[], Any], timeout_s: float, what: str) -> tuple[bool, Any]:
-    """Run ``work`` in a daemon thread; (True, result), or (False, None) after a warning when it
-    raised or outlived ``timeout_s`` (a hung request must not hold the job)."""
+def server_answers(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
+    """Whether the tracking server at ``uri`` answers its ``/health`` endpoint (open also on a
+    server with basic auth) with 200 within ``timeout_s``."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
+            return resp.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+class _Outcome(NamedTuple):
+    done: bool  # the work returned
+    value: Any  # what it returned (None unless done)
+    timed_out: bool  # it was still running at the deadline (it may yet finish)
+
+
+def _with_deadline(work: Callable[[], Any], timeout_s: float, what: str) -> _Outcome:
+    """Run ``work`` in a daemon thread, at most ``timeout_s`` (a hung request must not hold the
+    job); when it raised or outlived the deadline, a warning says so."""
     result: dict[str, Any] = {}
 
     def target():
@@ -224,11 +247,31 @@ def _with_deadline(work: Callable[[], Any], timeout_s: float, what: str) -> tupl
     thread.join(timeout_s)
     if thread.is_alive():
         log.warning("MLflow: %s did not finish within %.0f s; the record file keeps the run", what, timeout_s)
-        return False, None
+        return _Outcome(False, None, True)
     if "error" in result:
         log.warning("MLflow: %s failed (%s); the record file keeps the run", what, result["error"])
-        return False, None
-    return True, result["value"]
+        return _Outcome(False, None, False)
+    return _Outcome(True, result["value"], False)
+
+
+def _tried(uri: str, timeout_s: float, what: str, work: Callable[[int], Any]) -> _Outcome:
+    """``work(attempt)`` under :func:`_with_deadline`, tried again (up to :data:`ATTEMPTS`, a
+    growing pause between) while the store is up: always for a local store (busy, or failed
+    once), and for a server while it answers ``/health`` (a request that failed under load, a
+    locked database). A server that does not answer is down: no minutes of retries against an
+    outage. An attempt that outlived ``timeout_s`` is not repeated: its request may still land,
+    and a second attempt could then log a run twice."""
+    outcome = _Outcome(False, None, False)
+    for attempt in range(1, ATTEMPTS + 1):
+        outcome = _with_deadline(functools.partial(work, attempt), timeout_s, f"{what} (attempt {attempt} of {ATTEMPTS})")
+        if outcome.done or outcome.timed_out or attempt == ATTEMPTS:
+            break
+        if _is_server(uri) and not server_answers(uri):
+            log.warning("MLflow: the server at %s does not answer; not tried again (`snakemake sync_tracking` "
+                        "logs what is missing later)", uri)
+            break
+        time.sleep(attempt)
+    return outcome
 
 
 def try_init_experiment(uri: str, experiment: str, *, timeout_s: float = 60.0) -> str | None:
@@ -238,8 +281,8 @@ def try_init_experiment(uri: str, experiment: str, *, timeout_s: float = 60.0) -
     if not _is_server(uri):
         return init_experiment(uri, experiment)
     _bound_http_retries()
-    ok, exp_id = _with_deadline(lambda: init_experiment(uri, experiment), timeout_s, f"creating experiment {experiment!r}")
-    return exp_id if ok else None
+    done, exp_id, _ = _with_deadline(lambda: init_experiment(uri, experiment), timeout_s, f"creating experiment {experiment!r}")
+    return exp_id if done else None
 
 
 def _experiment_id(client, uri: str, experiment: str) -> str:
@@ -282,7 +325,8 @@ def sync_runs(uri: str, experiment: str, records: Iterable[Mapping[str, Any]], *
     """Log every record that MLflow lacks (its params are the record's resolved config, its
     curve the record's train loss); returns counts ``{"records", "already", "logged",
     "failed"}``. The experiment's runs are listed once; a half-logged run (not FINISHED) of a
-    missing record is deleted before the record is logged again. Stops at the first failure:
+    missing record is deleted before the record is logged again. A record whose logging fails
+    is tried again while the store is up (see :func:`_tried`); after that, the sync stops:
     the server is likely down again."""
     from mlflow.tracking import MlflowClient
 
@@ -294,8 +338,8 @@ def sync_runs(uri: str, experiment: str, records: Iterable[Mapping[str, Any]], *
         exp_id = _experiment_id(client, uri, experiment)
         return exp_id, _runs_by_key(client, exp_id)
 
-    ok, listed = _with_deadline(listing, timeout_s, "listing logged runs")
-    if not ok:
+    done, listed, _ = _with_deadline(listing, timeout_s, "listing logged runs")
+    if not done:
         return {"records": len(records), "already": 0, "logged": 0, "failed": len(records)}
     exp_id, runs = listed
     have = _finished_keys(runs)
@@ -303,9 +347,10 @@ def sync_runs(uri: str, experiment: str, records: Iterable[Mapping[str, Any]], *
     logged = 0
     for record in missing:
         params = json.loads(record["config_json"])
-        work = lambda: _log(uri, experiment, record, params, record["train_loss"], client=client,  # noqa: E731
-                            exp_id=exp_id, earlier=runs.get(record["run_key"], []))
-        if not _with_deadline(work, timeout_s, f"logging {record['run_key']}")[0]:
+        # a retry looks the record's runs up again: the failed attempt left one to replace
+        work = lambda attempt: _log(uri, experiment, record, params, record["train_loss"], client=client,  # noqa: E731
+                                    exp_id=exp_id, earlier=runs.get(record["run_key"], []) if attempt == 1 else None)
+        if not _tried(uri, timeout_s, f"logging {record['run_key']}", work).done:
             break
         logged += 1
     counts = {"records": len(records), "already": len(records) - len(missing), "logged": logged, "failed": len(missing) - logged}
@@ -323,19 +368,13 @@ def log_run(
     timeout_s: float = 60.0,
 ) -> str | None:
     """Log one finished run; returns its MLflow run id, or None if tracking failed or timed
-    out (a warning says why). Never raises for tracking trouble."""
+    out (a warning says why). Never raises for tracking trouble.
+
+    A failed attempt is tried again while the store is up (see :func:`_tried`); a server that
+    does not answer is down, and the run is left to :func:`sync_runs`."""
     _bound_http_retries()
-    # a server that fails is down (sync_runs logs the run later); a local store that fails is
-    # busy, or failed once: it is tried again
-    attempts = 1 if _is_server(uri) else LOCAL_ATTEMPTS
-    for attempt in range(1, attempts + 1):
-        what = f"logging {record['run_key']}" + (f" (attempt {attempt} of {attempts})" if attempts > 1 else "")
-        ok, run_id = _with_deadline(lambda: _log(uri, experiment, record, params, curve), timeout_s, what)
-        if ok:
-            return run_id
-        if attempt < attempts:
-            time.sleep(attempt)
-    return None
+    outcome = _tried(uri, timeout_s, f"logging {record['run_key']}", lambda attempt: _log(uri, experiment, record, params, curve))
+    return outcome.value if outcome.done else None
 
 
 def server_command(
