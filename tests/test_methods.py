@@ -13,7 +13,7 @@ from torch import nn
 
 from spbench.methods import METHODS, Forward, HParam, Method, MethodContext, Needs, make_method, method_class
 from spbench.models import build_model, split_parameters
-from spbench.train import train_steps, training_step
+from spbench.train import Preempted, train_steps, training_step
 
 ALL = sorted(METHODS) + ["lp_ft+l2_sp", "wise_ft+lwf"]  # and two compositions (one with a teacher)
 
@@ -191,8 +191,8 @@ def test_every_method_trains_and_resumes_to_the_same_weights(name, arch, channel
     assert moved, "training moved no inherited parameter"
 
     saved = []
-    with pytest.raises(Exception, match="rerun to resume"):
-        run(save_checkpoint=saved.append, stop=lambda: len(saved) == 0 and True)
+    with pytest.raises(Preempted, match="rerun to resume"):
+        run(save_checkpoint=saved.append, stop=lambda: not saved)
     state = copy.deepcopy(saved[0])
     assert state["step"] == 1 and "method" in state
     resumed_model, resumed_method, resumed = run(resume=state)

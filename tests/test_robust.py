@@ -260,6 +260,20 @@ def test_lp_ft_composes_with_a_penalty():
     for a, p in zip(first, params):
         torch.testing.assert_close(a, p.grad, rtol=0, atol=0)
 
+    # set-up: the composition's probe fits the head that lp_ft alone fits on the same data
+    gen = torch.Generator().manual_seed(4)
+    y = torch.arange(30) % 3
+    x = torch.randn(30, 1, 12, 12, generator=gen, dtype=torch.float64) + y.double().view(-1, 1, 1, 1)
+    heads = []
+    for name, extra in (("lp_ft+l2_sp", dict(alpha=0.3, beta=0.02)), ("lp_ft", {})):
+        model, ctx = _context()
+        before = copy.deepcopy(model.head.state_dict())
+        make_method(name, ctx, probe_decay=1e-3, **extra).setup(SetupData(x, y, batch_size=8, device=torch.device("cpu")))
+        assert any(not torch.equal(v, before[k]) for k, v in model.head.state_dict().items()), name
+        heads.append(model.head.state_dict())
+    for k in heads[0]:
+        torch.testing.assert_close(heads[0][k], heads[1][k], rtol=0, atol=1e-10)
+
 
 def test_composition_refuses_what_it_cannot_combine():
     with pytest.raises(ValueError, match="both have the hyper-parameter 'alpha'"):
