@@ -349,7 +349,10 @@ def test_group_lasso_groups_of_transformer_tensors():
     gen = torch.Generator().manual_seed(0)
     w0 = {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
     fisher = {n: torch.rand(s, generator=gen, dtype=torch.float64) + 0.1 for n, s in shapes.items()}
-    d = {n: 0.01 * torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+    # departures whose size grows along dim 0 (the groups): the proximal maps below set the
+    # small groups back to w0 and shrink the large ones, so both of their branches are compared
+    d = {n: 0.05 * torch.randn(s, generator=gen, dtype=torch.float64)
+         * torch.linspace(0.2, 3.0, s[0], dtype=torch.float64).view(-1, *[1] * (len(s) - 1)) for n, s in shapes.items()}
 
     def params():
         return {n: nn.Parameter(w0[n].clone()) for n in shapes}
@@ -396,6 +399,9 @@ def test_group_lasso_groups_of_transformer_tensors():
                     diffs = [w0[n] + d[n] - w0[n] for n in p]
                     u = _fisher_group_prox(diffs, [fisher[n] for n in p], 0.1 * 0.5)
                     results["flat_prox"] = {n: (w0[n] + x, q.grad.clone()) for (n, q), x in zip(p.items(), u)}
+            if variant == "prox":
+                at_w0 = torch.cat([(results["loop"][n][0] == w0[n]).flatten() for n in shapes]).double().mean().item()
+                assert 0.05 < at_w0 < 0.95, (name, at_w0)
             for path, got in results.items():
                 for n in shapes:
                     for a, b in zip(got[n], results["loop"][n]):

@@ -69,21 +69,26 @@ def test_l1_prox_is_the_textbook_formula_to_the_bit(dtype):
 
 def test_group_prox_is_group_soft_thresholding():
     """Each output channel's departure shrinks by max(0, 1 − lr·α·√p/‖d_g‖); 1-D tensors
-    elementwise (groups of one)."""
-    inherited, head = _params()
-    pen = make_penalty("gl_sp", inherited, head, alpha=0.2, beta=0.0, variant="prox")
-    w0 = _depart(inherited, 0.05)
-    before = {n: p.detach().clone() for n, p in inherited.items()}
-    lr = 0.5
-    pen.prox_(lr)
-    conv = "backbone.conv.weight"
-    for c in range(4):
-        d = (before[conv][c] - w0[conv][c]).flatten()
-        shrink = max(0.0, 1 - lr * 0.2 * math.sqrt(d.numel()) / float(d.norm()))
-        torch.testing.assert_close(inherited[conv][c].detach(), w0[conv][c] + shrink * (before[conv][c] - w0[conv][c]))
-    bn = "backbone.bn.weight"
-    d = before[bn] - w0[bn]
-    torch.testing.assert_close(inherited[bn].detach(), w0[bn] + torch.sign(d) * torch.clamp(d.abs() - lr * 0.2, min=0))
+    elementwise (groups of one). Departures small and large: groups set back to w0 and groups
+    shrunk but kept, both seen."""
+    shrinks, lr = [], 0.5
+    for scale in (0.05, 0.3, 1.0):
+        inherited, head = _params()
+        pen = make_penalty("gl_sp", inherited, head, alpha=0.2, beta=0.0, variant="prox")
+        w0 = _depart(inherited, scale)
+        before = {n: p.detach().clone() for n, p in inherited.items()}
+        pen.prox_(lr)
+        conv = "backbone.conv.weight"
+        for c in range(4):
+            d = (before[conv][c] - w0[conv][c]).flatten()
+            shrink = max(0.0, 1 - lr * 0.2 * math.sqrt(d.numel()) / float(d.norm()))
+            shrinks.append(shrink)
+            torch.testing.assert_close(inherited[conv][c].detach(), w0[conv][c] + shrink * (before[conv][c] - w0[conv][c]))
+        bn = "backbone.bn.weight"
+        d = before[bn] - w0[bn]
+        shrinks += (1 - lr * 0.2 / d.abs()).clamp(min=0).tolist()
+        torch.testing.assert_close(inherited[bn].detach(), w0[bn] + torch.sign(d) * torch.clamp(d.abs() - lr * 0.2, min=0))
+    assert 0.0 in shrinks and max(shrinks) > 0.5, shrinks
 
 
 def _numeric_prox(d: np.ndarray, f: np.ndarray, ts: float) -> np.ndarray:
