@@ -8,7 +8,8 @@ Checks, each against a CPU reference:
 - a demo fine-tune (training loop, method, evaluation) runs on the GPU and its loss falls;
 - the training loop does not make the host wait for the device at every step: the count of
   synchronising CUDA calls (``torch.cuda.set_sync_debug_mode``) of a 40-step run is that of a
-  10-step run (the losses are read a batch at a time, the batch indices go over without blocking);
+  10-step run, in fp32 and in fp16 (the losses are read a batch at a time, the batch indices go
+  over without blocking, fp16's skipped-step check stays on the device);
 - every method of the registry (the penalties, LwF, DELTA, BSS, Co-Tuning): a few training
   steps on the demo network in float64 (set-up pass, taps, teacher forward, its own
   parameters) give the same weights on the GPU as on the CPU.
@@ -32,7 +33,7 @@ from spbench.fisher import estimate_fisher
 from spbench.methods import METHODS, MethodContext, make_method
 from spbench.models import build_model, split_parameters
 from spbench.penalties import PENALTIES, make_penalty
-from spbench.train import evaluate, train_steps
+from spbench.train import Precision, evaluate, train_steps
 
 
 def _grads(params):
@@ -136,7 +137,9 @@ def check_training(dev) -> dict:
 
 
 def check_host_syncs(dev) -> dict:
-    def syncs(steps: int) -> int:
+    """The synchronising calls of a 10-step and a 40-step run, in fp32 and in fp16 (its
+    gradient scaler with the fused SGD kernel, which reads the inf flag on the device)."""
+    def syncs(steps: int, precision: Precision) -> int:
         model, method, x, y = _demo_fine_tune(dev)
         torch.cuda.synchronize(dev)
         with warnings.catch_warnings(record=True) as caught:
@@ -144,14 +147,17 @@ def check_host_syncs(dev) -> dict:
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 train_steps(model, method, x, y, steps=steps, batch_size=32, lr=0.05,
-                            generator=torch.Generator().manual_seed(0), log_every=0)
+                            generator=torch.Generator().manual_seed(0), log_every=0, precision=precision)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
 
-    short, long = syncs(10), syncs(40)
-    print(f"host syncs in the training loop on {dev}: {short} in 10 steps, {long} in 40 steps", flush=True)
-    return {"steps_10": short, "steps_40": long}
+    counts = {}
+    for name in ("fp32", "fp16"):
+        short, long = syncs(10, Precision(name, "cuda")), syncs(40, Precision(name, "cuda"))
+        print(f"host syncs in the training loop on {dev}, {name}: {short} in 10 steps, {long} in 40 steps", flush=True)
+        counts[name] = {"steps_10": short, "steps_40": long}
+    return counts
 
 
 def _method_run(name: str, dev, steps: int = 5) -> list[torch.Tensor]:
@@ -208,7 +214,7 @@ def main(argv=None) -> int:
         and all(v < 1e-12 for v in summary["prox"].values())
         and all(v < 1e-9 for v in summary["fisher"].values())
         and summary["training"]["last"] < summary["training"]["first"]
-        and summary["host_syncs"]["steps_40"] == summary["host_syncs"]["steps_10"]
+        and all(c["steps_40"] == c["steps_10"] for c in summary["host_syncs"].values())
         and all(v < 1e-8 for v in summary["methods"].values())
     )
     summary["ok"] = ok

@@ -35,44 +35,96 @@ def test_bf16_on_the_cpu_keeps_float32_weights_and_trains():
 
 
 class InfLoss(Method):
-    """A loss term that turns every gradient inf, and a proximal step that counts itself."""
+    """A loss term that turns every gradient inf (``inf=False``: a finite one), and a
+    proximal step that counts itself."""
 
     name = "inf_loss"
     needs = Needs()
 
-    def __init__(self, context):
+    def __init__(self, context, inf=True):
         super().__init__(context)
-        self.prox_calls = 0
+        self.prox_calls, self.factor = 0, float("inf") if inf else 1.0
         self.register_buffer("state", torch.arange(3.0))
 
     def loss(self, out: Forward):
-        return out.logits.float().sum() * float("inf")
+        return out.logits.float().sum() * self.factor
 
     def prox_(self, lr):
         self.prox_calls += 1
         self.state.add_(1.0)
 
 
-def test_a_skipped_inf_step_leaves_weights_momentum_and_method_state_untouched():
+class InfLossNoProx(InfLoss):
+    """The same loss term, no proximal step."""
+
+    name = "inf_loss_no_prox"
+    prox_ = Method.prox_
+
+
+def _fp16_step(method_class, fused, inf=True, count_scale_reads=None):
+    """One good step (so that momentum buffers exist), then one fp16 step of ``method_class``
+    with a gradient scaler; returns the model's parameters and momentum before the second
+    step, the model, optimizer, method and scaler."""
     model = build_model("demo_resnet", 3, 1)
     inherited, head = split_parameters(model)
-    method = InfLoss(MethodContext(model, inherited, head))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    method = method_class(MethodContext(model, inherited, head), inf=inf)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
     x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0])
-    # one good step first, so that momentum buffers exist
-    good = make_method("none", MethodContext(model, inherited, head))
-    training_step(model, good, x, y, opt, lr=0.1)
+    training_step(model, make_method("none", MethodContext(model, inherited, head)), x, y, opt, lr=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     momentum = {id(p): opt.state[p]["momentum_buffer"].clone() for p in model.parameters() if p in opt.state}
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    if count_scale_reads is not None:
+        real = scaler.get_scale
+        scaler.get_scale = lambda: count_scale_reads.append(1) or real()
     training_step(model, method, x, y, opt, lr=0.1, scaler=scaler, precision=Precision("fp16", "cpu"))
+    if count_scale_reads is not None:
+        del scaler.get_scale
+    return before, momentum, model, opt, method, scaler
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("method_class", [InfLoss, InfLossNoProx], ids=["prox", "no-prox"])
+def test_a_skipped_inf_step_leaves_weights_momentum_and_method_state_untouched(method_class, fused):
+    """Also with the fused SGD kernel (CUDA's, run here on the CPU), which skips the step on
+    the scaler's inf flag without the host reading it."""
+    before, momentum, model, opt, method, scaler = _fp16_step(method_class, fused)
     assert scaler.get_scale() < 2.0**8  # it backed off: the step was found inf and skipped
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+    assert momentum
     for p in model.parameters():
         if id(p) in momentum:
             assert torch.equal(opt.state[p]["momentum_buffer"], momentum[id(p)])
     assert method.prox_calls == 0 and torch.equal(method.state, torch.arange(3.0))
+
+
+def test_only_a_method_with_a_proximal_step_reads_the_scale():
+    """Reading the scale waits for the device; a finite step of a method without a proximal
+    step does not read it (and does step), one with a proximal step reads it and takes it."""
+    reads = []
+    before, _, model, _, method, _ = _fp16_step(InfLossNoProx, True, inf=False, count_scale_reads=reads)
+    assert not method.has_prox_step and reads == []
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    before, _, model, _, method, _ = _fp16_step(InfLoss, True, inf=False, count_scale_reads=reads)
+    assert method.has_prox_step and len(reads) == 2 and method.prox_calls == 1
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_which_methods_take_a_proximal_step():
+    """The proximal variants of the non-smooth penalties (with α > 0), the projections of
+    SPD and FTP, and a composition with one of them; not the smooth penalties or LP-FT."""
+    model = build_model("demo_resnet", 3, 1)
+    inherited, head = split_parameters(model)
+    smooth, prox = (MethodContext(model, inherited, head, nonsmooth=v) for v in ("smooth", "prox"))
+    takes = {name: make_method(name, ctx, **hp).has_prox_step for name, ctx, hp in [
+        ("none", smooth, {}), ("l2_sp", prox, {}), ("lp_ft", smooth, {}),
+        ("l1_sp", prox, {}), ("gl_sp", prox, {}), ("spd", smooth, {}), ("ftp", smooth, {}),
+        ("lp_ft+l1_sp", prox, {})]}
+    assert takes == {"none": False, "l2_sp": False, "lp_ft": False, "gl_sp": True, "spd": True, "ftp": True,
+                     "lp_ft+l1_sp": True, "l1_sp": True}
+    assert not make_method("l1_sp", smooth).has_prox_step
+    assert not make_method("l1_sp", prox, alpha=0.0).has_prox_step
 
 
 def test_resolve_precision():

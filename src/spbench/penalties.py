@@ -196,6 +196,11 @@ class Penalty(nn.Module):
         step. Only the proximal variants of the non-smooth penalties do anything here."""
         return None
 
+    @property
+    def has_prox_step(self) -> bool:
+        """Whether :meth:`prox_` does anything."""
+        return False
+
     def _inherited_grad_foreach(self) -> None:
         """``grad += α ∂R/∂w`` over all inherited tensors at once (fast path)."""
         raise NotImplementedError
@@ -384,9 +389,13 @@ class NonSmoothSP(Penalty):
     def _dr_foreach(self, diffs: list[Tensor], fishers: list[Tensor | None]) -> list[Tensor]:
         return [self._dr(d, f) for d, f in zip(diffs, fishers)]
 
+    @property
+    def has_prox_step(self) -> bool:
+        return self.variant == "prox" and bool(self.alpha)
+
     @torch.no_grad()
     def prox_(self, lr: float) -> None:
-        if self.variant != "prox" or not self.alpha:
+        if not self.has_prox_step:
             return
         t = lr * self.alpha
         for p, w0, f in zip(self._inherited, self.w0.values(), self._fishers()):
@@ -521,7 +530,7 @@ class GroupLassoSPFisher(GroupLassoSP):
 
     @torch.no_grad()
     def prox_(self, lr: float) -> None:
-        if self.variant != "prox" or not self.alpha:
+        if not self.has_prox_step:
             return
         lists = (self._inherited, self.w0.values(), self.fisher.values())
         for params, refs, fishers in _group_by_device_dtype(*lists):

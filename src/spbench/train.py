@@ -41,6 +41,7 @@ __all__ = [
     "batch_indices",
     "evaluate",
     "training_step",
+    "sgd",
     "train_steps",
     "TrainHistory",
     "Preempted",
@@ -265,17 +266,26 @@ def training_step(
     if clip_grad_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-    stepped = True
-    if scaler is not None:
-        before = scaler.get_scale()
+    if scaler is None:
+        optimizer.step()
+        method.prox_(lr)  # proximal variants only: forward-backward splitting
+    elif method.has_prox_step:
+        before = scaler.get_scale()  # reading the scale waits for the device: only when it matters
         scaler.step(optimizer)
         scaler.update()
-        stepped = scaler.get_scale() >= before  # the scale drops exactly when the step was skipped
+        if scaler.get_scale() >= before:  # the scale drops exactly when the step was skipped
+            method.prox_(lr)
     else:
-        optimizer.step()
-    if stepped:
-        method.prox_(lr)  # proximal variants only: forward-backward splitting
+        scaler.step(optimizer)
+        scaler.update()
     return loss.detach().float()
+
+
+def sgd(params: list[Tensor], *, lr: float, momentum: float) -> torch.optim.SGD:
+    """SGD with momentum; on CUDA its fused kernel (one launch for all the tensors, and with
+    fp16's gradient scaler no wait for the device to learn whether the step was skipped)."""
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, fused=fused or None)
 
 
 def train_steps(
@@ -326,7 +336,7 @@ def train_steps(
     precision = precision or Precision()
     scaler = precision.scaler()
     params = [p for p in model.parameters() if p.requires_grad] + method.extra_parameters()
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    opt = sgd(params, lr=lr, momentum=momentum)
     history = TrainHistory()
     first = 0
     if resume is not None:

@@ -234,6 +234,12 @@ class Method(nn.Module):
     def prox_(self, lr: float) -> None:
         """A proximal step on the parameters after the optimizer step at learning rate ``lr``."""
 
+    @property
+    def has_prox_step(self) -> bool:
+        """Whether :meth:`prox_` does anything: only then does an fp16 training step find out
+        (waiting for the device) whether the scaler skipped the optimizer step."""
+        return type(self).prox_ is not Method.prox_
+
     @torch.no_grad()
     def finalize_(self) -> None:
         """After the last step, before evaluation: change the trained weights in place (reading
@@ -476,6 +482,10 @@ class Composite(Method):
     def prox_(self, lr: float) -> None:
         for part in self.parts:
             part.prox_(lr)
+
+    @property
+    def has_prox_step(self) -> bool:
+        return any(part.has_prox_step for part in self.parts)
 
     @torch.no_grad()
     def finalize_(self) -> None:

@@ -41,6 +41,10 @@ class PenaltyMethod(Method):
     def prox_(self, lr: float) -> None:
         self.penalty.prox_(lr)
 
+    @property
+    def has_prox_step(self) -> bool:
+        return self.penalty.has_prox_step
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), **self.penalty.describe(), "method": self.name}
 
