@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import itertools
 import re
 import os
 import shutil
@@ -172,6 +173,43 @@ def test_a_server_that_keeps_failing_is_tried_attempts_times(server, monkeypatch
     client = MlflowClient(tracking_uri=server)
     active = client.search_runs([exp_id])
     assert [(r.info.run_id, r.info.status) for r in active] == [(created[-1], "FAILED")]
+
+
+def test_runs_of_one_target_logged_at_once_all_arrive(server, monkeypatch):
+    """Jobs of one target that end together log the same input dataset at once; MLflow's SQL
+    store refuses all but the first with BAD_REQUEST (a UNIQUE constraint on the datasets
+    table). Each run is still logged once and FINISHED: the refused attempt is tried again,
+    and by then the dataset exists. Six runs meet at log_inputs, three times over."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    real = MlflowClient.log_inputs
+    for trial in range(3):
+        experiment = f"spbench-together-{trial}"
+        exp_id = init_experiment(server, experiment)
+        meet, calls = threading.Barrier(6, timeout=60), itertools.count()
+
+        def together(self, run_id, datasets=None, **kwargs):
+            if next(calls) < 6:  # the six first attempts meet; a retry goes straight on
+                meet.wait()
+            return real(self, run_id, datasets=datasets, **kwargs)
+
+        monkeypatch.setattr(MlflowClient, "log_inputs", together)
+        target = {"name": "t", "digest": "cd" * 32, "source": "data/t", "n_train": 15, "n_eval": 886, "num_classes": 3}
+        records = [make_record(run_key=f"main/s/t/l2_sp/alpha=0.1_beta=0.01_lr=0.5/freeze0/test/rep{r}", replicate=r,
+                               freeze=0, target_dataset=target) for r in range(6)]
+        ids = [None] * 6
+        threads = [threading.Thread(target=lambda i=i: ids.__setitem__(i, log_run(server, experiment, records[i], {}, [1.0])))
+                   for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(ids), ids
+        runs = MlflowClient(tracking_uri=server).search_runs([exp_id])
+        assert sorted((r.info.run_id, r.info.status) for r in runs) == sorted((i, "FINISHED") for i in ids)
+        assert all(len(r.inputs.dataset_inputs) == 1 for r in runs)
 
 
 def test_outage_keeps_records_and_sync_logs_them_once(tmp_path):

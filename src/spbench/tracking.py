@@ -257,8 +257,9 @@ def _with_deadline(work: Callable[[], Any], timeout_s: float, what: str) -> _Out
 def _tried(uri: str, timeout_s: float, what: str, work: Callable[[int], Any]) -> _Outcome:
     """``work(attempt)`` under :func:`_with_deadline`, tried again (up to :data:`ATTEMPTS`, a
     growing pause between) while the store is up: always for a local store (busy, or failed
-    once), and for a server while it answers ``/health`` (a request that failed under load, a
-    locked database). A server that does not answer is down: no minutes of retries against an
+    once), and for a server while it answers ``/health`` (when runs log the same new
+    input dataset at once, MLflow's SQL store refuses some of them with BAD_REQUEST, on a
+    UNIQUE constraint; a request may fail under load). A server that does not answer is down: no minutes of retries against an
     outage. An attempt that outlived ``timeout_s`` is not repeated: its request may still land,
     and a second attempt could then log a run twice."""
     outcome = _Outcome(False, None, False)
