@@ -75,3 +75,37 @@ def test_identity_is_the_run_path_and_alpha_beta_may_be_missing(tmp_path):
     back = read_parquet(tmp_path / "runs.parquet").set_index("method")
     assert back.loc["lwf", "alpha"] != back.loc["lwf", "alpha"] and back.loc["lwf", "beta"] != back.loc["lwf", "beta"]
     assert sorted(back.loc["l2_sp", "alpha"]) == [0.1, 0.2]
+
+
+def test_code_version_names_the_commit_of_a_checkout_and_whether_it_was_changed(tmp_path):
+    """git_suffix: a tracked file of a checkout gives +g<its commit>, .dirty once a tracked
+    file differs from it; an untracked file (an installed copy inside a checkout), or a file
+    outside any checkout, gives nothing."""
+    import subprocess
+
+    from spbench import __version__, code_version, git_suffix
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    outside = tmp_path / "plain" / "module.py"
+    outside.parent.mkdir()
+    outside.write_text("x = 1\n")
+    assert git_suffix(outside) == ""
+    repo = tmp_path / "checkout"
+    (repo / "pkg").mkdir(parents=True)
+    module = repo / "pkg" / "module.py"
+    module.write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "pkg/module.py")
+    git("commit", "-q", "-m", "first")
+    commit = git("rev-parse", "HEAD")
+    suffix = git_suffix(module)
+    assert suffix.startswith("+g") and commit.startswith(suffix[2:]) and len(suffix) == 2 + 12
+    (repo / "pkg" / "installed.py").write_text("y = 2\n")  # untracked: not the checkout's code
+    assert git_suffix(repo / "pkg" / "installed.py") == ""
+    assert git_suffix(module) == suffix  # untracked files do not make it dirty
+    module.write_text("x = 2\n")
+    assert git_suffix(module) == suffix + ".dirty"
+    assert code_version().startswith(__version__)

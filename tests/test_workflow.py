@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from spbench import code_version
 from spbench.results import SCHEMA, read_parquet, read_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,7 @@ def test_parquet_holds_every_run(finished_workflow):
         assert chosen["selected"]["alpha"] == best["alpha"] and chosen["setting"] == best["setting"]
     assert runs["test_accuracy"].between(0, 1).all()
     assert runs["run_key"].is_unique
+    assert set(runs["spbench_version"]) == {code_version()}  # the code that ran, with its commit in a checkout
     for row in runs.itertuples():
         record = read_record(finished_workflow / "results" / "runs" / row.run_key / "record.json")
         assert record["test_accuracy"] == row.test_accuracy
@@ -117,6 +119,7 @@ def test_mlflow_has_one_run_per_record(finished_workflow):
         assert run.data.tags["method"] == row.method
         assert run.data.tags["setting"] == row.setting
         assert run.data.tags["replicate"] == str(row.replicate)
+        assert run.data.tags["spbench.version"] == row.spbench_version
         assert run.data.params["run.seed"] == str(row.seed)
         assert run.data.params["finetune.steps"] == str(row.steps)
         curve = client.get_metric_history(run.info.run_id, "train_loss")

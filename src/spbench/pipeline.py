@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import __version__
+from . import code_version
 from .augment import load_task_views
 from .config import TRAINING_KEYS, RunSpec, derive_seed, format_setting, post_hoc_variants
 from .data import fold_split, load_task, prepare_task
@@ -456,7 +456,7 @@ def finetune_run(
         "device": device_name(dev),
         "wall_seconds": wall,
         "images_per_second": history.images / history.seconds,
-        "spbench_version": __version__,
+        "spbench_version": code_version(),
         "torch_version": torch.__version__,
         "config_json": json.dumps(resolved, sort_keys=True),
         # beyond the table: the curve, for the tracker and for plots; when it trained (the

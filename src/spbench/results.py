@@ -92,7 +92,7 @@ SCHEMA = pa.schema(
         ("wall_seconds", pa.float64()),
         ("images_per_second", pa.float64()),
         # provenance
-        ("spbench_version", pa.string()),
+        ("spbench_version", pa.string()),  # spbench.code_version(): with the commit when run from a checkout
         ("torch_version", pa.string()),
         ("config_json", pa.string()),
     ]

@@ -172,7 +172,8 @@ def _log(uri: str, experiment: str, record: Mapping[str, Any], params: Mapping[s
             log.info("MLflow already holds run %s (%s): not logged again", key, run.info.run_id)
             return run.info.run_id
         client.delete_run(run.info.run_id)  # a half-logged earlier attempt
-    tags = {RUN_KEY_TAG: key, **{f: str(record[f]) for f in TAG_FIELDS}, "spbench.device": str(record["device"])}
+    tags = {RUN_KEY_TAG: key, **{f: str(record[f]) for f in TAG_FIELDS}, "spbench.device": str(record["device"]),
+            "spbench.version": str(record["spbench_version"])}
     # the run's times are the training's (the record's), not the logging's
     start_ms = int(1000 * record["started_at"]) if "started_at" in record else None
     end_ms = int(1000 * record["ended_at"]) if "ended_at" in record else None
