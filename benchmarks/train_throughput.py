@@ -11,8 +11,9 @@ same precision, measured side by side in one process:
            (alpha 0.1, beta 0.01) and SGD momentum 0.9, the learning-rate schedule and the
            loss check of every step
   bare     the upper bound: one synthetic batch already on the device, SGD (momentum 0.9,
-           the same kernel as spbench's: spbench.train.sgd, fused on CUDA), forward / cross-entropy / backward / step under the same autocast;
-           no penalty, no input pipeline, no per-step bookkeeping
+           the same kernel as spbench's: spbench.train.sgd, fused on CUDA), forward /
+           cross-entropy / backward / step under the same autocast; no penalty, no input
+           pipeline, no per-step bookkeeping
 
 The cache is a synthetic prepared task written to a temporary folder in the on-disk layout of
 spbench.data (images.npy uint8 [N, H, W, C], split.parquet, meta.json), stored at --stored

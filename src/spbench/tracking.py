@@ -43,8 +43,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "spbench.run_key"
-#: Tries of :func:`log_run` while the store is up: a local store (SQLite, files) that fails,
-#: or a server that fails a request but still answers ``/health``, is busy or failed once.
+#: Tries of logging one run (:func:`log_run`, :func:`sync_runs`) while the store is up: a local
+#: store (SQLite, files) that fails, or a server that fails a request but still answers
+#: ``/health``, is busy or failed once.
 ATTEMPTS = 3
 #: Seconds that :func:`server_answers` waits for ``/health``.
 HEALTH_TIMEOUT_S = 5.0
@@ -258,11 +259,11 @@ def _with_deadline(work: Callable[[], Any], timeout_s: float, what: str) -> _Out
 def _tried(uri: str, timeout_s: float, what: str, work: Callable[[int], Any]) -> _Outcome:
     """``work(attempt)`` under :func:`_with_deadline`, tried again (up to :data:`ATTEMPTS`, a
     growing pause between) while the store is up: always for a local store (busy, or failed
-    once), and for a server while it answers ``/health`` (when runs log the same new
-    input dataset at once, MLflow's SQL store refuses some of them with BAD_REQUEST, on a
-    UNIQUE constraint; a request may fail under load). A server that does not answer is down: no minutes of retries against an
-    outage. An attempt that outlived ``timeout_s`` is not repeated: its request may still land,
-    and a second attempt could then log a run twice."""
+    once), and for a server while it answers ``/health`` (when runs log the same new input
+    dataset at once, MLflow's SQL store refuses some of them with BAD_REQUEST, on a UNIQUE
+    constraint; a request may fail under load). A server that does not answer is down: no
+    minutes of retries against an outage. An attempt that outlived ``timeout_s`` is not
+    repeated: its request may still land, and a second attempt could then log a run twice."""
     outcome = _Outcome(False, None, False)
     for attempt in range(1, ATTEMPTS + 1):
         outcome = _with_deadline(functools.partial(work, attempt), timeout_s, f"{what} (attempt {attempt} of {ATTEMPTS})")
