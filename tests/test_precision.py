@@ -117,10 +117,9 @@ def test_which_methods_take_a_proximal_step():
     model = build_model("demo_resnet", 3, 1)
     inherited, head = split_parameters(model)
     smooth, prox = (MethodContext(model, inherited, head, nonsmooth=v) for v in ("smooth", "prox"))
-    takes = {name: make_method(name, ctx, **hp).has_prox_step for name, ctx, hp in [
-        ("none", smooth, {}), ("l2_sp", prox, {}), ("lp_ft", smooth, {}),
-        ("l1_sp", prox, {}), ("gl_sp", prox, {}), ("spd", smooth, {}), ("ftp", smooth, {}),
-        ("lp_ft+l1_sp", prox, {})]}
+    takes = {name: make_method(name, ctx).has_prox_step for name, ctx in [
+        ("none", smooth), ("l2_sp", prox), ("lp_ft", smooth), ("l1_sp", prox), ("gl_sp", prox), ("spd", smooth),
+        ("ftp", smooth), ("lp_ft+l1_sp", prox)]}
     assert takes == {"none": False, "l2_sp": False, "lp_ft": False, "gl_sp": True, "spd": True, "ftp": True,
                      "lp_ft+l1_sp": True, "l1_sp": True}
     assert not make_method("l1_sp", smooth).has_prox_step

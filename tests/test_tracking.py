@@ -9,16 +9,16 @@ from spbench.tracking import ATTEMPTS, RUN_KEY_TAG, flatten, init_experiment, lo
 from test_results import make_record
 
 
-def fail_one_log_batch(monkeypatch, at: int = 1) -> list[str]:
-    """Make the ``at``-th call of MlflowClient.log_batch raise (a locked database); returns the
-    list that receives the run id of the call that failed. Pauses between tries are skipped."""
+def fail_log_batch(monkeypatch, at: int | None = 1) -> list[str]:
+    """Make the ``at``-th call of MlflowClient.log_batch raise (None: every call); returns the
+    list that receives the run id of each call that failed. Pauses between tries are skipped."""
     from mlflow.tracking import MlflowClient
 
     real, calls, failures = MlflowClient.log_batch, [], []
 
     def flaky(self, run_id, **kwargs):
         calls.append(run_id)
-        if len(calls) == at:
+        if at is None or len(calls) == at:
             failures.append(run_id)
             raise RuntimeError("database is locked")
         return real(self, run_id, **kwargs)
@@ -58,7 +58,7 @@ def test_local_store_failure_is_retried_and_leaves_no_running_run(tmp_path, monk
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp_id = init_experiment(uri, "t")
-    failures = fail_one_log_batch(monkeypatch)
+    failures = fail_log_batch(monkeypatch)
     record = make_record(run_key="main/s/t/l2_sp/alpha=0.1_beta=0.01_lr=0.5/freeze0/test/rep0", freeze=0)
     run_id = log_run(uri, "t", record, {"run": {"seed": 7}}, [1.0, 0.5])
     assert run_id is not None and failures and failures[0] != run_id
@@ -229,7 +229,7 @@ def test_sync_retries_a_record_whose_logging_failed_once(tmp_path, monkeypatch):
     exp_id = init_experiment(uri, "t")
     records = [make_record(run_key=f"main/s/t/l2/alpha=0.1_beta=0.01_lr=0.5/freeze0/test/rep{r}", replicate=r,
                            config_json="{}", train_loss=[1.0, 0.5]) for r in range(3)]
-    failures = fail_one_log_batch(monkeypatch, at=2)  # the second record's first write
+    failures = fail_log_batch(monkeypatch, at=2)  # the second record's first write
     assert sync_runs(uri, "t", records) == {"records": 3, "already": 0, "logged": 3, "failed": 0}
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([exp_id])

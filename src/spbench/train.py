@@ -269,15 +269,13 @@ def training_step(
     if scaler is None:
         optimizer.step()
         method.prox_(lr)  # proximal variants only: forward-backward splitting
-    elif method.has_prox_step:
-        before = scaler.get_scale()  # reading the scale waits for the device: only when it matters
-        scaler.step(optimizer)
-        scaler.update()
-        if scaler.get_scale() >= before:  # the scale drops exactly when the step was skipped
-            method.prox_(lr)
-    else:
-        scaler.step(optimizer)
-        scaler.update()
+        return loss.detach().float()
+    # reading the scale waits for the device: only when a proximal step must know of a skip
+    before = scaler.get_scale() if method.has_prox_step else None
+    scaler.step(optimizer)
+    scaler.update()
+    if before is not None and scaler.get_scale() >= before:  # the scale drops exactly when the step was skipped
+        method.prox_(lr)
     return loss.detach().float()
 
 
