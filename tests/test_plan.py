@@ -59,6 +59,35 @@ def test_device_hours_from_benchmarks_and_records():
     assert {e["precision"] for e in plan(config, records, [bench("GPU X", "demo_resnet", bf16=1.0, fp32=1.0)])["estimates"]} == {"bf16"}
 
 
+def test_runs_with_frozen_units_are_priced_at_their_depths_rate():
+    """Frozen units run no backward, so Fig. 3's runs train faster: a depth's recorded rate
+    prices that depth's runs and stays out of the full fine-tune's rate; a depth never recorded
+    is priced at the full fine-tune's rate (an upper bound on its time)."""
+    config = load_config(REPO / "config" / "tiny.yaml")  # Fig. 3: 2 runs at depth 2, 10 steps × batch 32
+    p0 = plan(config)
+    frozen = p0["parts"]["figures"]["frozen_images"]
+    assert frozen == 2 * 10 * 32
+    rest = {k: v["images"] - (frozen if k == "figures" else 0) for k, v in p0["parts"].items()}
+    records = [{"device": "cpu: t", "arch": "demo_resnet", "precision": "fp32", "freeze": 0, "images_per_second": 100.0},
+               {"device": "cpu: t", "arch": "demo_resnet", "precision": "fp32", "freeze": 2, "images_per_second": 400.0},
+               {"device": "cpu: t", "arch": "demo_resnet", "precision": "fp32", "freeze": 2, "images_per_second": 600.0},
+               {"device": "cpu: t", "arch": "demo_resnet", "precision": "fp32", "freeze": 3, "images_per_second": 9e9}]
+    (e,) = plan(config, records)["estimates"]
+    assert e["rates"]["demo_resnet"]["images_per_second"] == 100.0  # not the median of all four
+    assert e["frozen_rates"] == {"demo_resnet/freeze2": {"images_per_second": 500.0, "n": 2}}  # depth 3: no run
+    expected = {k: (n / 100.0 + (frozen / 500.0 if k == "figures" else 0)) / 3600 for k, n in rest.items()}
+    assert e["hours"] == pytest.approx(expected)
+    text = format_plan(plan(config, records))
+    assert "demo_resnet, freeze 2: 500.0 images/s from recorded runs (median of 2)" in text
+    # without a record of depth 2, its runs cost what a full fine-tune costs
+    (e,) = plan(config, records[:1])["estimates"]
+    assert e["frozen_rates"] == {} and e["hours"]["figures"] == pytest.approx(p0["parts"]["figures"]["images"] / 100.0 / 3600)
+    assert "priced at their depth's recorded rate, else at the full fine-tune's" in format_plan(plan(config, records[:1]))
+    # a device whose only records have frozen units has no full fine-tune rate: no total
+    (e,) = plan(config, records[1:3])["estimates"]
+    assert e["total"] is None and e["missing_archs"] == ["demo_resnet"]
+
+
 def test_halving_is_priced_rung_by_rung():
     """With selection.halving the selection's runs are counted per rung at their own steps."""
     from spbench.config import validate_config

@@ -12,6 +12,11 @@ process, and device-hours for them:
   FILE``, spbench's real training step) and from the runs already recorded under
   ``results/runs`` (their ``images_per_second``). Evaluation passes are not counted.
 
+A run with frozen units (``freeze`` > 0, Fig. 3) trains faster than a full fine-tune: its frozen
+units run no backward. It is priced at the rate recorded for its depth on that device, where
+runs of that depth were recorded, else at the full fine-tune's rate (its time then an upper
+bound); records with frozen units never enter the full fine-tune's rate.
+
 With ``selection.halving`` the selection's rungs are counted exactly (how many candidates each
 rung trains does not depend on which survive).
 """
@@ -35,22 +40,24 @@ PARTS = {"selection": ("select",), "main": ("main",), "figures": ("alpha_beta", 
 
 
 def throughput_table(benchmarks: Iterable[Mapping[str, Any]] = (), records: Iterable[Mapping[str, Any]] = ()) -> dict:
-    """Measured training images per second, as ``{(device, arch, precision): (images/s, n, where)}``.
+    """Measured training images per second, as ``{(device, arch, precision, freeze): (images/s,
+    n, where)}``.
 
     ``benchmarks``: outputs of ``benchmarks/train_throughput.py --json`` (each row's
-    ``spbench_images_per_s``: the real step with its input pipeline); ``records``: run records
-    (the median ``images_per_second`` over the records of one device, arch and precision). A
-    benchmark measurement wins over records of the same key."""
-    table: dict[tuple[str, str, str], tuple[float, int, str]] = {}
-    grouped: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    ``spbench_images_per_s``: the real step with its input pipeline, no frozen units: freeze 0);
+    ``records``: run records (the median ``images_per_second`` over the records of one device,
+    arch, precision and freeze depth). A benchmark measurement wins over records of the same key."""
+    table: dict[tuple[str, str, str, int], tuple[float, int, str]] = {}
+    grouped: dict[tuple[str, str, str, int], list[float]] = defaultdict(list)
     for r in records:
         if r.get("images_per_second") and r.get("device") and r.get("arch"):
-            grouped[(r["device"], r["arch"], r.get("precision") or "fp32")].append(float(r["images_per_second"]))
+            key = (r["device"], r["arch"], r.get("precision") or "fp32", int(r.get("freeze") or 0))
+            grouped[key].append(float(r["images_per_second"]))
     for key, values in grouped.items():
         table[key] = (statistics.median(values), len(values), "recorded runs")
     for bench in benchmarks:
         for row in bench["rows"]:
-            key = (bench["device_name"], bench["arch"], row["precision"])
+            key = (bench["device_name"], bench["arch"], row["precision"], 0)
             table[key] = (float(row["spbench_images_per_s"]), 1, f"benchmark ({bench['image_size']} px, batch {bench['batch']})")
     return table
 
@@ -74,38 +81,49 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
     cluster, ft = config["cluster"], config["finetune"]
     gpus = max(cluster["gpus"], 1)
     precision = ft.get("precision", "auto")
-    parts: dict[str, dict[str, Any]] = {p: {"runs": 0, "images": 0, "by_arch": defaultdict(int)} for p in PARTS}
+    parts: dict[str, dict[str, Any]] = {p: {"runs": 0, "images": 0, "by_arch": defaultdict(int),
+                                            "by_depth": defaultdict(int)} for p in PARTS}
     for spec in runs:
         images = spec.steps(ft["steps"]) * ft["batch_size"]
         part = parts[_part(spec)]
         part["runs"] += 1
         part["images"] += images
-        part["by_arch"][config["sources"][spec.source]["arch"]] += images
+        arch = config["sources"][spec.source]["arch"]
+        part["by_arch"][arch] += images
+        part["by_depth"][(arch, spec.freeze)] += images
     table = throughput_table(benchmarks or [], measured or [])
     estimates = []
-    for device in sorted({d for d, _, _ in table}):
-        for prec in sorted({p for d, _, p in table if d == device}):
-            if precision not in ("auto", prec):
-                continue
-            rates = {arch: table[(device, arch, prec)] for d, arch, p in table if (d, p) == (device, prec)}
-            hours, missing = {}, set()
-            for name, part in parts.items():
-                seconds = 0.0
-                for arch, images in part["by_arch"].items():
-                    if arch in rates:
-                        seconds += images / rates[arch][0]
-                    else:
-                        missing.add(arch)
-                hours[name] = seconds / 3600 * gpus
-            estimates.append({"device": device, "precision": prec, "hours": hours,
-                              "total": None if missing else sum(hours.values()), "missing_archs": sorted(missing),
-                              "rates": {a: {"images_per_second": r, "n": n, "from": w} for a, (r, n, w) in rates.items()}})
+    for device, prec in sorted({(d, p) for d, _, p, _ in table}):
+        if precision not in ("auto", prec):
+            continue
+        rates = {(arch, depth): r for (d, arch, p, depth), r in table.items() if (d, p) == (device, prec)}
+        hours, missing, own = {}, set(), set()
+        for name, part in parts.items():
+            seconds = 0.0
+            for (arch, depth), images in part["by_depth"].items():
+                rate = rates.get((arch, depth)) or rates.get((arch, 0))  # else: an upper bound on its time
+                if rate is None:
+                    missing.add(arch)
+                    continue
+                seconds += images / rate[0]
+                if depth and (arch, depth) in rates:
+                    own.add((arch, depth))
+            hours[name] = seconds / 3600 * gpus
+        estimates.append({"device": device, "precision": prec, "hours": hours,
+                          "total": None if missing else sum(hours.values()), "missing_archs": sorted(missing),
+                          "rates": {a: {"images_per_second": r, "n": n, "from": w}
+                                    for (a, depth), (r, n, w) in rates.items() if depth == 0},
+                          "frozen_rates": {f"{a}/freeze{depth}": {"images_per_second": rates[(a, depth)][0],
+                                                                  "n": rates[(a, depth)][1]}
+                                           for a, depth in sorted(own)}})
     out: dict[str, Any] = {
         # a fine-tune job trains one run group (spbench.config.run_groups)
         "jobs": {"prepare_task": len(tasks), "source": len(sources), "estimate_fisher": len(fisher),
                  "finetune": len({r.group for r in runs})},
         "finetune_runs": len(runs),
-        "parts": {name: {"runs": p["runs"], "images": p["images"], "by_arch": dict(p["by_arch"])} for name, p in parts.items()},
+        "parts": {name: {"runs": p["runs"], "images": p["images"], "by_arch": dict(p["by_arch"]),
+                         "frozen_images": sum(n for (_, depth), n in p["by_depth"].items() if depth)}
+                  for name, p in parts.items()},
         "halving": config.get("selection", {}).get("halving"),
         "requested_gpu_hours": len(runs) * gpus * cluster["runtime"] / 60,
         "estimates": estimates,
@@ -140,8 +158,15 @@ def format_plan(p: Mapping[str, Any]) -> str:
         for arch, r in sorted(e["rates"].items()):
             lines.append(f"      {arch}: {r['images_per_second']:,.1f} images/s from {r['from']}"
                          + (f" (median of {r['n']})" if r["n"] > 1 else ""))
+        for key, r in e["frozen_rates"].items():
+            lines.append(f"      {key.replace('/freeze', ', freeze ')}: {r['images_per_second']:,.1f} images/s from "
+                         f"recorded runs" + (f" (median of {r['n']})" if r["n"] > 1 else ""))
         if e["missing_archs"]:
             lines.append(f"      no measurement for {', '.join(e['missing_archs'])} on this device: total n/a")
+    frozen = sum(part["frozen_images"] for part in p["parts"].values())
+    if frozen:
+        lines.append(f"  runs with frozen units ({frozen:,d} training images) are priced at their depth's recorded rate, "
+                     "else at the full fine-tune's (an upper bound: frozen units run no backward)")
     return "\n".join(lines)
 
 
