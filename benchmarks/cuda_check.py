@@ -8,8 +8,9 @@ Checks, each against a CPU reference:
 - a demo fine-tune (training loop, method, evaluation) runs on the GPU and its loss falls;
 - the training loop does not make the host wait for the device at every step: the count of
   synchronising CUDA calls (``torch.cuda.set_sync_debug_mode``) of a 40-step run is that of a
-  10-step run, in fp32 and in fp16 (the losses are read a batch at a time, the batch indices go
-  over without blocking, fp16's skipped-step check stays on the device);
+  10-step run, in fp32 and in fp16, on a batch tensor and on the augmented uint8 cache a job
+  reads (the losses are read a batch at a time, the batch indices and the augmentation's draws
+  go over without blocking, fp16's skipped-step check stays on the device);
 - every method of the registry (the penalties, LwF, DELTA, BSS, Co-Tuning): a few training
   steps on the demo network in float64 (set-up pass, taps, teacher forward, its own
   parameters) give the same weights on the GPU as on the CPU.
@@ -27,8 +28,10 @@ import json
 import sys
 import warnings
 
+import numpy as np
 import torch
 
+from spbench.augment import CachedImages
 from spbench.fisher import estimate_fisher
 from spbench.methods import METHODS, MethodContext, make_method
 from spbench.models import build_model, split_parameters
@@ -138,9 +141,15 @@ def check_training(dev) -> dict:
 
 def check_host_syncs(dev) -> dict:
     """The synchronising calls of a 10-step and a 40-step run, in fp32 and in fp16 (its
-    gradient scaler with the fused SGD kernel, which reads the inf flag on the device)."""
-    def syncs(steps: int, precision: Precision) -> int:
+    gradient scaler with the fused SGD kernel, which reads the inf flag on the device), on a
+    batch tensor already on the device and on a job's input: a uint8 cache read through the
+    paper's augmentation (spbench.augment.CachedImages: crop, mirror, blur on the device)."""
+    def syncs(steps: int, precision: Precision, data: str) -> int:
         model, method, x, y = _demo_fine_tune(dev)
+        if data == "augmented":
+            cache = np.random.default_rng(0).integers(0, 256, size=(len(x), 18, 18, 1), dtype=np.uint8)
+            x = CachedImages(cache, np.arange(len(x)), mean=[0.5], crop=16, train=True, device=dev,
+                             generator=torch.Generator().manual_seed(1), blur_p=0.5)
         torch.cuda.synchronize(dev)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -153,10 +162,12 @@ def check_host_syncs(dev) -> dict:
         return sum("synchroniz" in str(w.message) for w in caught)
 
     counts = {}
-    for name in ("fp32", "fp16"):
-        short, long = syncs(10, Precision(name, "cuda")), syncs(40, Precision(name, "cuda"))
-        print(f"host syncs in the training loop on {dev}, {name}: {short} in 10 steps, {long} in 40 steps", flush=True)
-        counts[name] = {"steps_10": short, "steps_40": long}
+    for data in ("tensor", "augmented"):
+        for name in ("fp32", "fp16"):
+            short, long = syncs(10, Precision(name, "cuda"), data), syncs(40, Precision(name, "cuda"), data)
+            print(f"host syncs in the training loop on {dev}, {name}, {data} input: {short} in 10 steps, "
+                  f"{long} in 40 steps", flush=True)
+            counts[f"{name}/{data}"] = {"steps_10": short, "steps_40": long}
     return counts
 
 

@@ -155,6 +155,26 @@ def test_blur_paths_agree_in_float64():
     torch.testing.assert_close(gaussian_blur(const, sigma[:2], path="loop"), const)  # a normalised kernel
 
 
+def test_the_device_path_reads_nothing_back_from_the_device():
+    """On an accelerator the augmentation decides everything on the CPU (crops, mirrors, blur
+    kernels) and only sends it over, so the host never waits for the device. Checked on the
+    meta device, which holds no values: any read of one (a radius from a σ on the device, a
+    mask's nonzero, a blocking item) raises there."""
+    raw = images(n=8)
+    draws = torch.Generator().manual_seed(3)  # the view's draws, in its order: offsets, mirrors
+    torch.randint(0, H - CROP + 1, (8,), generator=draws), torch.randint(0, H - CROP + 1, (8,), generator=draws)
+    mirrored = torch.rand(8, generator=draws) < 0.5
+    assert mirrored.any() and not mirrored.all()  # both branches run; every image is blurred (blur_p 1)
+    view = CachedImages(raw, np.arange(8), mean=MEAN, std=torch.tensor([0.2, 0.25, 0.5]), crop=CROP, train=True,
+                        generator=torch.Generator().manual_seed(3), blur_p=1.0, device="meta")
+    out = view[torch.arange(8)]
+    assert out.device.type == "meta" and out.shape == (8, 3, CROP, CROP) and out.dtype == torch.float32
+    assert view.central()[0:4].shape == (4, 3, CROP, CROP)
+    batch = augment_batch(torch.from_numpy(raw).to("meta"), crop=CROP, train=True, mean=MEAN,
+                          generator=torch.Generator().manual_seed(3), blur_p=1.0)
+    assert batch.device.type == "meta" and batch.shape == (8, 3, CROP, CROP)
+
+
 def test_input_pipeline_benchmark_runs():
     """The benchmark's quick mode runs and reports both paths with positive rates."""
     import importlib.util

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .augment import to_device
 from .integrity import load_sealed, save_sealed
 from .methods import Forward, Method, MethodContext, SetupData, eval_mode, make_method, record_outputs
 from .models import Classifier, build_model, split_parameters
@@ -155,8 +156,7 @@ def _take(data: Any, idx: Tensor, on_device: dict) -> Any:
     so that indexing does not make the host wait for the device (a plain CPU index would)."""
     if isinstance(data, Tensor) and data.device.type != "cpu":
         if data.device not in on_device:
-            pinned = idx.pin_memory() if data.device.type == "cuda" else idx
-            on_device[data.device] = pinned.to(data.device, non_blocking=True)
+            on_device[data.device] = to_device(idx, data.device)
         return data[on_device[data.device]]
     return data[idx]
 
