@@ -124,9 +124,9 @@ class FTP(_Anchored):
             self.register_buffer(name, torch.zeros(n, dtype=ref.dtype, device=ref.device))
         self.direction = TensorStore({name: torch.zeros_like(p) for name, p in context.inherited.items()})
         self._grad_gamma: Tensor | None = None
-        # steps_done read once (then counted here): reading the buffer at every step would make
-        # the host wait for the device; a loaded state makes it read again
-        self._steps: int | None = None
+        # steps_done counted here as well: reading the buffer at every step would make the host
+        # wait for the device; a loaded state makes it read once again
+        self._steps: int | None = 0
         self.register_load_state_dict_post_hook(_recount_steps)
 
     @torch.no_grad()
