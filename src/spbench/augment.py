@@ -16,8 +16,9 @@ whole batch at once:
 The random draws come from a CPU ``torch.Generator``, so a seed gives the same batches on any
 device. On a CUDA device the batch makes the host wait for nothing: what the draws decide (the
 mirrored and blurred images, the blur kernels, built on the CPU) goes over from pinned memory
-without blocking (:func:`to_device`), as the uint8 rows do. The paper names "random blur" without its parameters; the defaults here (p = ½,
-σ ∈ [0.1, 1.5] pixels at 256×256) are this suite's choice.
+without blocking (:func:`to_device`), as the uint8 rows do. The paper names "random blur"
+without its parameters; the defaults here (p = ½, σ ∈ [0.1, 1.5] pixels at 256×256) are this
+suite's choice.
 """
 
 from __future__ import annotations
