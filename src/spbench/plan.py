@@ -62,6 +62,14 @@ def throughput_table(benchmarks: Iterable[Mapping[str, Any]] = (), records: Iter
     return table
 
 
+def _by_arch(by_depth: Mapping[tuple[str, int], int]) -> dict[str, int]:
+    """Training images per architecture, summed over the freeze depths."""
+    out: dict[str, int] = defaultdict(int)
+    for (arch, _), images in by_depth.items():
+        out[arch] += images
+    return dict(out)
+
+
 def _part(spec: RunSpec) -> str:
     return next(part for part, experiments in PARTS.items() if spec.experiment in experiments)
 
@@ -81,16 +89,13 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
     cluster, ft = config["cluster"], config["finetune"]
     gpus = max(cluster["gpus"], 1)
     precision = ft.get("precision", "auto")
-    parts: dict[str, dict[str, Any]] = {p: {"runs": 0, "images": 0, "by_arch": defaultdict(int),
-                                            "by_depth": defaultdict(int)} for p in PARTS}
+    parts: dict[str, dict[str, Any]] = {p: {"runs": 0, "images": 0, "by_depth": defaultdict(int)} for p in PARTS}
     for spec in runs:
         images = spec.steps(ft["steps"]) * ft["batch_size"]
         part = parts[_part(spec)]
         part["runs"] += 1
         part["images"] += images
-        arch = config["sources"][spec.source]["arch"]
-        part["by_arch"][arch] += images
-        part["by_depth"][(arch, spec.freeze)] += images
+        part["by_depth"][(config["sources"][spec.source]["arch"], spec.freeze)] += images
     table = throughput_table(benchmarks or [], measured or [])
     estimates = []
     for device, prec in sorted({(d, p) for d, _, p, _ in table}):
@@ -121,7 +126,7 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
         "jobs": {"prepare_task": len(tasks), "source": len(sources), "estimate_fisher": len(fisher),
                  "finetune": len({r.group for r in runs})},
         "finetune_runs": len(runs),
-        "parts": {name: {"runs": p["runs"], "images": p["images"], "by_arch": dict(p["by_arch"]),
+        "parts": {name: {"runs": p["runs"], "images": p["images"], "by_arch": _by_arch(p["by_depth"]),
                          "frozen_images": sum(n for (_, depth), n in p["by_depth"].items() if depth)}
                   for name, p in parts.items()},
         "halving": config.get("selection", {}).get("halving"),
@@ -155,12 +160,11 @@ def format_plan(p: Mapping[str, Any]) -> str:
         total = f"{e['total']:10.2f}" if e["total"] is not None else f"{'n/a':>10s}"
         lines.append(f"  {e['device'][:40]:40s} {e['precision']:9s} "
                      + " ".join(f"{e['hours'][n]:10.2f}" for n in p["parts"]) + f" {total}")
-        for arch, r in sorted(e["rates"].items()):
-            lines.append(f"      {arch}: {r['images_per_second']:,.1f} images/s from {r['from']}"
+        rates = [(arch, r, r["from"]) for arch, r in sorted(e["rates"].items())]
+        rates += [(key.replace("/freeze", ", freeze "), r, "recorded runs") for key, r in e["frozen_rates"].items()]
+        for label, r, source in rates:
+            lines.append(f"      {label}: {r['images_per_second']:,.1f} images/s from {source}"
                          + (f" (median of {r['n']})" if r["n"] > 1 else ""))
-        for key, r in e["frozen_rates"].items():
-            lines.append(f"      {key.replace('/freeze', ', freeze ')}: {r['images_per_second']:,.1f} images/s from "
-                         f"recorded runs" + (f" (median of {r['n']})" if r["n"] > 1 else ""))
         if e["missing_archs"]:
             lines.append(f"      no measurement for {', '.join(e['missing_archs'])} on this device: total n/a")
     frozen = sum(part["frozen_images"] for part in p["parts"].values())
