@@ -6,12 +6,14 @@
 #      no host sync per step, every method against the CPU);
 #   2. benchmarks/train_throughput.py: spbench's step against the bare loop at 224 px, batch 64,
 #      fp32 and bf16, for ResNet-101 (issue goal: >= 0.95, bf16 >= 1.8x fp32, >= 2,000 images/s)
-#      and ResNet-50 (the paper's grid trains both);
+#      and ResNet-50 (the paper's grid trains both), then ResNet-101 in bf16 with 8, 16, 24 and
+#      31 of its 34 units frozen (Fig. 3's runs, which make plan prices at the deepest measured
+#      depth up to theirs: depths 1 and 4 at the full fine-tune's rate, 12 at 8's, ...);
 #   3. benchmarks/penalty_overhead.py: every penalty's share of that step (bf16 autocast).
-# Seven files, named after the GPU. The grid's device-hours then come from step 2's JSON files,
+# Nine files, named after the GPU. The grid's device-hours then come from step 2's JSON files,
 # on any machine with the project's environment:
 #   python -m spbench.plan config/paper.yaml [config/halving.yaml] --throughput OUTDIR/<device>-throughput_resnet101.json \
-#       --throughput OUTDIR/<device>-throughput_resnet50.json
+#       --throughput OUTDIR/<device>-throughput_resnet50.json --throughput OUTDIR/<device>-throughput_resnet101_frozen.json
 #
 # Usage (from the checkout root):  bash benchmarks/on_device.sh OUTDIR
 # PYTHON picks the interpreter (default: .venv/bin/python if there, else python3); the
@@ -50,6 +52,8 @@ for arch in resnet101 resnet50; do
     step "throughput_$arch" "$py" benchmarks/train_throughput.py --device cuda --arch "$arch" --image 224 --batch 64 \
         --json-file "$out/$slug-throughput_$arch.json"
 done
+step throughput_resnet101_frozen "$py" benchmarks/train_throughput.py --device cuda --arch resnet101 --image 224 \
+    --batch 64 --precisions bf16 --freeze 8,16,24,31 --json-file "$out/$slug-throughput_resnet101_frozen.json"
 step penalty_overhead "$py" benchmarks/penalty_overhead.py --device cuda --arch resnet101 --dtype bfloat16 \
     --batch 64 --steps 5 --repeats 3
 exit "$worst"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput: spbench's real fine-tuning loop against a bare loop on the same model.
 
-Both variants train the same network (one model, in train mode) on the same device, under the
+Both variants train the same network (one model per freeze depth, in train mode) on the same device, under the
 same precision, measured side by side in one process:
 
   spbench  spbench.train.train_steps, the loop a fine-tuning job runs: the seeded batch order
@@ -15,6 +15,12 @@ same precision, measured side by side in one process:
            cross-entropy / backward / step under the same autocast; no penalty, no input
            pipeline, no per-step bookkeeping
 
+With --freeze (a list of depths, default 0) both variants are measured once per depth on a
+model whose first units are frozen as a fine-tune of that depth freezes them
+(spbench.models.apply_freeze, their batch norms in eval mode): Fig. 3's runs, which train
+faster than a full fine-tune since frozen units run no backward. `make plan` prices the runs
+of each depth at the rate measured at that depth (or at the deepest measured depth below it).
+
 The cache is a synthetic prepared task written to a temporary folder in the on-disk layout of
 spbench.data (images.npy uint8 [N, H, W, C], split.parquet, meta.json), stored at --stored
 pixels (default 8/7 of the crop: 256 for a 224 crop) so the random crop has room to move, and
@@ -23,10 +29,10 @@ read through spbench.augment.load_task_views as a job reads it.
 For every precision (--precisions, default fp32,bf16) each variant is warmed up, then timed
 interleaved: in every repeat each (precision, variant) runs --steps steps, in a rotating
 order, so drift and background load hit them alike; on CUDA the device is synchronised around
-every timed region. Reported: images/s of each (median over repeats) and their ratio
-spbench / bare (with the range of the per-repeat paired ratios).
+every timed region. Reported, per freeze depth and precision: images/s of each (median over repeats) and their
+ratio spbench / bare (with the range of the per-repeat paired ratios).
 
-Usage:  python benchmarks/train_throughput.py [--quick] [--json] [--arch resnet50] [--device cuda] ...
+Usage:  python benchmarks/train_throughput.py [--quick] [--json] [--arch resnet50] [--device cuda] [--freeze 0,8,16] ...
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ import torch.nn.functional as F
 from spbench.augment import load_task_views
 from spbench.pipeline import device_name as describe_device
 from spbench.methods import MethodContext, make_method
-from spbench.models import build_model, split_parameters
-from spbench.train import resolve_precision, sgd, train_steps
+from spbench.models import apply_freeze, build_model, freeze_depth_count, split_parameters
+from spbench.train import resolve_precision, set_train_mode, sgd, train_steps
 
 ARCHS = ("demo_resnet", "resnet18", "resnet50", "resnet101")
 VARIANTS = ("spbench", "bare")
@@ -70,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU, torch's default on CUDA)")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (fp16: CUDA only)")
+    ap.add_argument("--freeze", default="0",
+                    help="comma-separated freeze depths, each measured on its own (default 0: a full fine-tune)")
     ap.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
                     help="model memory format, as finetune.channels_last (auto: on CUDA only)")
     ap.add_argument("--quick", action="store_true", help="demo network, few steps, two repeats: seconds")
@@ -97,6 +105,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [p for p in args.precisions if p not in ("fp32", "bf16", "fp16")]
     if bad or not args.precisions:
         ap.error(f"--precisions: fp32, bf16, fp16, not {bad or args.precisions}")
+    try:
+        args.freeze = sorted({int(d) for d in args.freeze.split(",") if d.strip()})
+    except ValueError:
+        ap.error(f"--freeze: comma-separated integers, not {args.freeze!r}")
+    units = freeze_depth_count(args.arch)
+    if not args.freeze or not all(0 <= d <= units for d in args.freeze):
+        ap.error(f"--freeze: depths in [0, {units}] ({args.arch} has {units} freeze units), not {args.freeze}")
     if args.threads is None:
         args.threads = 1 if dev.type == "cpu" else torch.get_num_threads()
     return args
@@ -131,13 +146,23 @@ def main(argv=None) -> int:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    torch.manual_seed(0)
-    model = build_model(args.arch, args.classes, channels).to(dev)
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and dev.type == "cuda")
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    inherited, head = split_parameters(model)
-    method = make_method("l2_sp", MethodContext(model, inherited, head), alpha=ALPHA, beta=BETA).to(dev)
+
+    def network(depth: int) -> dict:
+        """The model of one freeze depth (the same initial weights for every depth), its l2_sp
+        penalty over the trainable inherited parameters, and the bare loop's optimizer."""
+        torch.manual_seed(0)
+        model = build_model(args.arch, args.classes, channels).to(dev)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        apply_freeze(model, depth)
+        inherited, head = split_parameters(model)
+        method = make_method("l2_sp", MethodContext(model, inherited, head), alpha=ALPHA, beta=BETA).to(dev)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return {"model": model, "method": method, "trainable": sum(p.numel() for p in trainable),
+                "opt": sgd(trainable, lr=args.lr, momentum=0.9)}  # spbench's kernel choice (fused on CUDA)
+
+    nets = {depth: network(depth) for depth in args.freeze}
 
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
         task = write_task(Path(tmp) / "task", train=args.images, test=min(args.images, 16), size=args.stored,
@@ -149,52 +174,56 @@ def main(argv=None) -> int:
 
         bx = torch.randn(args.batch, channels, args.image, args.image, device=dev)
         by = torch.randint(0, args.classes, (args.batch,), device=dev)
-        bare_opt = sgd(list(model.parameters()), lr=args.lr, momentum=0.9)  # spbench's kernel choice (fused on CUDA)
 
-        def spbench_run(precision, steps):
-            history = train_steps(model, method, x_train, y_train, steps=steps, batch_size=args.batch, lr=args.lr,
-                                  momentum=0.9, generator=batch_gen, log_every=0, precision=precision)
+        def spbench_run(depth, precision, steps):
+            net = nets[depth]
+            history = train_steps(net["model"], net["method"], x_train, y_train, steps=steps, batch_size=args.batch,
+                                  lr=args.lr, momentum=0.9, freeze=depth, generator=batch_gen, log_every=0,
+                                  precision=precision)
             return history.images
 
-        def bare_run(precision, steps):
+        def bare_run(depth, precision, steps):
+            model, opt = nets[depth]["model"], nets[depth]["opt"]
             scaler = precision.scaler()
-            model.train()
+            set_train_mode(model, depth, "train")  # as spbench's loop: frozen units' batch norms in eval mode
             for _ in range(steps):
-                bare_opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 with precision.autocast():
                     loss = F.cross_entropy(model(bx), by)
                 if scaler is not None:
                     scaler.scale(loss).backward()
-                    scaler.step(bare_opt)
+                    scaler.step(opt)
                     scaler.update()
                 else:
                     loss.backward()
-                    bare_opt.step()
+                    opt.step()
             return steps * args.batch
 
         runs = {"spbench": spbench_run, "bare": bare_run}
-        keys = [(p, v) for p in precisions for v in VARIANTS]
-        for p, v in keys:  # warm-up: kernels chosen, buffers and momentum allocated
+        keys = [(d, p, v) for d in args.freeze for p in precisions for v in VARIANTS]
+        for d, p, v in keys:  # warm-up: kernels chosen, buffers and momentum allocated
             if args.warmup:
-                runs[v](precisions[p], args.warmup)
+                runs[v](d, precisions[p], args.warmup)
         sync()
         rates = {key: [] for key in keys}
         for r in range(args.repeats):
             order = keys[r % len(keys):] + keys[: r % len(keys)]
-            for p, v in order:
+            for d, p, v in order:
                 sync()
                 t0 = time.perf_counter()
-                images = runs[v](precisions[p], args.steps)
+                images = runs[v](d, precisions[p], args.steps)
                 sync()
-                rates[(p, v)].append(images / (time.perf_counter() - t0))
+                rates[(d, p, v)].append(images / (time.perf_counter() - t0))
             log(f"repeat {r + 1}/{args.repeats}")
 
     rows = []
-    for p in precisions:
-        sp, bare = rates[(p, "spbench")], rates[(p, "bare")]
+    for d, p in ((d, p) for d in args.freeze for p in precisions):
+        sp, bare = rates[(d, p, "spbench")], rates[(d, p, "bare")]
         paired = [a / b for a, b in zip(sp, bare)]
         sp_med, bare_med = statistics.median(sp), statistics.median(bare)
         rows.append({
+            "freeze": d,
+            "trainable_parameters": nets[d]["trainable"],
             "precision": p,
             "spbench_images_per_s": sp_med,
             "bare_images_per_s": bare_med,
@@ -209,7 +238,7 @@ def main(argv=None) -> int:
         "device": str(dev), "device_name": device_name, "torch": torch.__version__, "arch": args.arch,
         "image_size": args.image, "stored_size": args.stored, "channels": channels, "batch": args.batch,
         "train_images": args.images, "classes": args.classes, "steps": args.steps, "repeats": args.repeats,
-        "warmup": args.warmup, "threads": args.threads, "channels_last": channels_last,
+        "warmup": args.warmup, "threads": args.threads, "channels_last": channels_last, "freeze": args.freeze,
         "method": "l2_sp", "alpha": ALPHA, "beta": BETA, "lr": args.lr, "rows": rows,
     }
     if args.json_file:
@@ -220,12 +249,13 @@ def main(argv=None) -> int:
     print(f"# {args.arch}, crop {args.image}px from {args.stored}px uint8 cache ({channels} channel"
           f"{'s' if channels != 1 else ''}), batch {args.batch}; {device_name}, torch {torch.__version__}; "
           f"{args.repeats} repeats x {args.steps} steps, interleaved")
-    print("| precision | spbench (images/s) | bare (images/s) | spbench / bare | range over repeats |")
-    print("|---|---:|---:|---:|---:|")
+    frozen = args.freeze != [0]
+    print(("| freeze | " if frozen else "| ") + "precision | spbench (images/s) | bare (images/s) | spbench / bare | range over repeats |")
+    print(("|---:|" if frozen else "|") + "---|---:|---:|---:|---:|")
     for row in rows:
         lo, hi = row["ratio_range"]
-        print(f"| {row['precision']} | {row['spbench_images_per_s']:.4g} | {row['bare_images_per_s']:.4g} | "
-              f"{row['ratio']:.2f} | [{lo:.2f}, {hi:.2f}] |")
+        print((f"| {row['freeze']} | " if frozen else "| ") + f"{row['precision']} | {row['spbench_images_per_s']:.4g} | "
+              f"{row['bare_images_per_s']:.4g} | {row['ratio']:.2f} | [{lo:.2f}, {hi:.2f}] |")
     return 0
 
 

@@ -62,7 +62,8 @@ def test_device_hours_from_benchmarks_and_records():
 def test_runs_with_frozen_units_are_priced_at_their_depths_rate():
     """Frozen units run no backward, so Fig. 3's runs train faster: a depth's recorded rate
     prices that depth's runs and stays out of the full fine-tune's rate; a depth never recorded
-    is priced at the full fine-tune's rate (an upper bound on its time)."""
+    is priced at the deepest recorded depth below it, else at the full fine-tune's rate (an
+    upper bound on its time either way); a deeper depth's rate never prices it."""
     config = load_config(REPO / "config" / "tiny.yaml")  # Fig. 3: 2 runs at depth 2, 10 steps × batch 32
     p0 = plan(config)
     frozen = p0["parts"]["figures"]["frozen_images"]
@@ -74,7 +75,8 @@ def test_runs_with_frozen_units_are_priced_at_their_depths_rate():
                {"device": "cpu: t", "arch": "demo_resnet", "precision": "fp32", "freeze": 3, "images_per_second": 9e9}]
     (e,) = plan(config, records)["estimates"]
     assert e["rates"]["demo_resnet"]["images_per_second"] == 100.0  # not the median of all four
-    assert e["frozen_rates"] == {"demo_resnet/freeze2": {"images_per_second": 500.0, "n": 2}}  # depth 3: no run
+    # depth 3: no run there, and too deep to price depth 2
+    assert e["frozen_rates"] == {"demo_resnet/freeze2": {"images_per_second": 500.0, "n": 2, "from": "recorded runs"}}
     expected = {k: (n / 100.0 + (frozen / 500.0 if k == "figures" else 0)) / 3600 for k, n in rest.items()}
     assert e["hours"] == pytest.approx(expected)
     text = format_plan(plan(config, records))
@@ -82,7 +84,13 @@ def test_runs_with_frozen_units_are_priced_at_their_depths_rate():
     # without a record of depth 2, its runs cost what a full fine-tune costs
     (e,) = plan(config, records[:1])["estimates"]
     assert e["frozen_rates"] == {} and e["hours"]["figures"] == pytest.approx(p0["parts"]["figures"]["images"] / 100.0 / 3600)
-    assert "priced at their depth's recorded rate, else at the full fine-tune's" in format_plan(plan(config, records[:1]))
+    assert "priced at the rate measured at their depth, else at the deepest depth measured below it, at worst the full" \
+        in format_plan(plan(config, records[:1]))
+    # a shallower depth's rate prices depth 2 when depth 2 itself was never measured
+    shallower = records[:1] + [dict(records[1], freeze=1, images_per_second=250.0)] + records[3:]
+    (e,) = plan(config, shallower)["estimates"]
+    assert list(e["frozen_rates"]) == ["demo_resnet/freeze1"]
+    assert e["hours"]["figures"] == pytest.approx((rest["figures"] / 100.0 + frozen / 250.0) / 3600)
     # a device whose only records have frozen units has no full fine-tune rate: no total
     (e,) = plan(config, records[1:3])["estimates"]
     assert e["total"] is None and e["missing_archs"] == ["demo_resnet"]
@@ -185,7 +193,8 @@ def test_tllib_overlays_validate_and_scale_the_grid(overlay, sources, targets):
 def test_a_cpu_benchmark_and_the_records_of_that_cpu_are_one_device(tmp_path):
     """The run records and benchmarks/train_throughput.py name a device the same way
     (spbench.pipeline.device_name: on the CPU its model and thread count), so the plan prices
-    both under one device; another thread count is another device."""
+    both under one device; another thread count is another device. Its --freeze rows price the
+    runs of their depth (tiny.yaml's Fig. 3 freezes 2 units)."""
     import importlib.util
 
     import torch
@@ -198,7 +207,8 @@ def test_a_cpu_benchmark_and_the_records_of_that_cpu_are_one_device(tmp_path):
     threads = torch.get_num_threads()
     try:
         out = tmp_path / "throughput.json"
-        assert module.main(["--quick", "--threads", "1", "--precisions", "fp32", "--json-file", str(out)]) == 0
+        assert module.main(["--quick", "--threads", "1", "--precisions", "fp32", "--freeze", "0,2",
+                            "--json-file", str(out)]) == 0
         measured = json.loads(out.read_text())
         torch.set_num_threads(1)
         one = device_name(torch.device("cpu"))
@@ -214,3 +224,7 @@ def test_a_cpu_benchmark_and_the_records_of_that_cpu_are_one_device(tmp_path):
     by = {(e["device"], e["precision"]): e for e in p["estimates"]}
     assert set(by) == {(one, "fp32"), (two, "fp32")}
     assert by[(one, "fp32")]["rates"]["demo_resnet"]["from"].startswith("benchmark")  # the benchmark is preferred
+    row = {r["freeze"]: r for r in measured["rows"]}
+    frozen = by[(one, "fp32")]["frozen_rates"]["demo_resnet/freeze2"]
+    assert frozen["images_per_second"] == row[2]["spbench_images_per_s"] and frozen["from"].startswith("benchmark")
+    assert by[(two, "fp32")]["frozen_rates"] == {}  # only records of depth 0 there

@@ -1,6 +1,6 @@
 """Smoke test of benchmarks/train_throughput.py: ``--quick --json`` on the demo network prints
-one JSON object with the expected keys and positive, finite numbers. No timing is asserted (the
-machine may be busy)."""
+one JSON object with the expected keys and positive, finite numbers, a row per freeze depth and
+precision. No timing is asserted (the machine may be busy)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_train_throughput_quick(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     capsys.readouterr()
-    assert module.main(["--quick", "--json", "--threads", "1"]) == 0
+    assert module.main(["--quick", "--json", "--threads", "1", "--freeze", "2,0"]) == 0
     res = json.loads(capsys.readouterr().out)
     for key in ("device", "device_name", "torch", "arch", "image_size", "stored_size", "channels", "batch",
                 "steps", "repeats", "threads", "method", "alpha", "beta", "rows"):
@@ -29,8 +29,16 @@ def test_train_throughput_quick(capsys):
     assert res["arch"] == "demo_resnet" and res["image_size"] == 16 and res["channels"] == 1
     assert res["stored_size"] > res["image_size"]  # the random crop has room to move
     assert res["method"] == "l2_sp" and res["threads"] == 1
-    rows = {row["precision"]: row for row in res["rows"]}
-    assert set(rows) == {"fp32", "bf16"}
+    assert res["freeze"] == [0, 2]
+    rows = {(row["freeze"], row["precision"]): row for row in res["rows"]}
+    assert list(rows) == [(0, "fp32"), (0, "bf16"), (2, "fp32"), (2, "bf16")]
+    # depth 2 trains without the parameters of the first two units (spbench.models.apply_freeze)
+    from spbench.models import apply_freeze, build_model
+
+    net = build_model("demo_resnet", res["classes"], 1)
+    frozen = {n for n in apply_freeze(net, 2)}
+    assert frozen and rows[(0, "fp32")]["trainable_parameters"] == sum(p.numel() for p in net.parameters())
+    assert rows[(2, "bf16")]["trainable_parameters"] == sum(p.numel() for n, p in net.named_parameters() if n not in frozen)
     for name, row in rows.items():
         for key in ("spbench_images_per_s", "bare_images_per_s", "ratio", "spbench_step_ms", "bare_step_ms"):
             assert _positive(row[key]), (name, key)

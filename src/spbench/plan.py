@@ -7,15 +7,17 @@ process, and device-hours for them:
 - *requested*: jobs × GPUs × ``cluster.runtime``, what the scheduler is asked for (an upper
   bound);
 - *estimated*, per device type: each run's training images (steps × batch size) divided by the
-  images per second measured on that device for the run's architecture and precision. The
-  measurements come from ``benchmarks/train_throughput.py --json`` outputs (``--throughput
-  FILE``, spbench's real training step) and from the runs already recorded under
-  ``results/runs`` (their ``images_per_second``). Evaluation passes are not counted.
+  images per second measured on that device for the run's architecture, precision and freeze
+  depth. The measurements come from ``benchmarks/train_throughput.py --json`` outputs
+  (``--throughput FILE``, spbench's real training step, at each of its ``--freeze`` depths) and
+  from the runs already recorded under ``results/runs`` (their ``images_per_second``).
+  Evaluation passes are not counted.
 
 A run with frozen units (``freeze`` > 0, Fig. 3) trains faster than a full fine-tune: its frozen
-units run no backward. It is priced at the rate recorded for its depth on that device, where
-runs of that depth were recorded, else at the full fine-tune's rate (its time then an upper
-bound); records with frozen units never enter the full fine-tune's rate.
+units run no backward. It is priced at the rate measured at its depth on that device, else at
+the rate of the deepest depth below it that was measured (the full fine-tune's, depth 0, when
+none was): freezing more units only removes work, so its time is then an upper bound. Rates
+measured with frozen units never enter the full fine-tune's rate.
 
 With ``selection.halving`` the selection's rungs are counted exactly (how many candidates each
 rung trains does not depend on which survive).
@@ -44,7 +46,8 @@ def throughput_table(benchmarks: Iterable[Mapping[str, Any]] = (), records: Iter
     n, where)}``.
 
     ``benchmarks``: outputs of ``benchmarks/train_throughput.py --json`` (each row's
-    ``spbench_images_per_s``: the real step with its input pipeline, no frozen units: freeze 0);
+    ``spbench_images_per_s``: the real step with its input pipeline, at the row's ``freeze``
+    depth; 0 in outputs that predate the option);
     ``records``: run records (the median ``images_per_second`` over the records of one device,
     arch, precision and freeze depth). A benchmark measurement wins over records of the same key."""
     table: dict[tuple[str, str, str, int], tuple[float, int, str]] = {}
@@ -57,7 +60,7 @@ def throughput_table(benchmarks: Iterable[Mapping[str, Any]] = (), records: Iter
         table[key] = (statistics.median(values), len(values), "recorded runs")
     for bench in benchmarks:
         for row in bench["rows"]:
-            key = (bench["device_name"], bench["arch"], row["precision"], 0)
+            key = (bench["device_name"], bench["arch"], row["precision"], int(row.get("freeze", 0)))
             table[key] = (float(row["spbench_images_per_s"]), 1, f"benchmark ({bench['image_size']} px, batch {bench['batch']})")
     return table
 
@@ -102,25 +105,26 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
         if precision not in ("auto", prec):
             continue
         rates = {(arch, depth): r for (d, arch, p, depth), r in table.items() if (d, p) == (device, prec)}
-        hours, missing, own = {}, set(), set()
+        hours, missing, used = {}, set(), set()
         for name, part in parts.items():
             seconds = 0.0
             for (arch, depth), images in part["by_depth"].items():
-                rate = rates.get((arch, depth)) or rates.get((arch, 0))  # else: an upper bound on its time
-                if rate is None:
+                if (arch, 0) not in rates:
                     missing.add(arch)
                     continue
-                seconds += images / rate[0]
-                if depth and (arch, depth) in rates:
-                    own.add((arch, depth))
+                # the deepest measured depth up to the run's: its own, else an upper bound on its time
+                measured_at = max(d for a, d in rates if a == arch and d <= depth)
+                seconds += images / rates[(arch, measured_at)][0]
+                if measured_at:
+                    used.add((arch, measured_at))
             hours[name] = seconds / 3600 * gpus
         estimates.append({"device": device, "precision": prec, "hours": hours,
                           "total": None if missing else sum(hours.values()), "missing_archs": sorted(missing),
                           "rates": {a: {"images_per_second": r, "n": n, "from": w}
                                     for (a, depth), (r, n, w) in rates.items() if depth == 0},
                           "frozen_rates": {f"{a}/freeze{depth}": {"images_per_second": rates[(a, depth)][0],
-                                                                  "n": rates[(a, depth)][1]}
-                                           for a, depth in sorted(own)}})
+                                                                  "n": rates[(a, depth)][1], "from": rates[(a, depth)][2]}
+                                           for a, depth in sorted(used)}})
     out: dict[str, Any] = {
         # a fine-tune job trains one run group (spbench.config.run_groups)
         "jobs": {"prepare_task": len(tasks), "source": len(sources), "estimate_fisher": len(fisher),
@@ -161,7 +165,7 @@ def format_plan(p: Mapping[str, Any]) -> str:
         lines.append(f"  {e['device'][:40]:40s} {e['precision']:9s} "
                      + " ".join(f"{e['hours'][n]:10.2f}" for n in p["parts"]) + f" {total}")
         rates = [(arch, r, r["from"]) for arch, r in sorted(e["rates"].items())]
-        rates += [(key.replace("/freeze", ", freeze "), r, "recorded runs") for key, r in e["frozen_rates"].items()]
+        rates += [(key.replace("/freeze", ", freeze "), r, r["from"]) for key, r in e["frozen_rates"].items()]
         for label, r, source in rates:
             lines.append(f"      {label}: {r['images_per_second']:,.1f} images/s from {source}"
                          + (f" (median of {r['n']})" if r["n"] > 1 else ""))
@@ -169,8 +173,9 @@ def format_plan(p: Mapping[str, Any]) -> str:
             lines.append(f"      no measurement for {', '.join(e['missing_archs'])} on this device: total n/a")
     frozen = sum(part["frozen_images"] for part in p["parts"].values())
     if frozen:
-        lines.append(f"  runs with frozen units ({frozen:,d} training images) are priced at their depth's recorded rate, "
-                     "else at the full fine-tune's (an upper bound: frozen units run no backward)")
+        lines.append(f"  runs with frozen units ({frozen:,d} training images) are priced at the rate measured at their depth, "
+                     "else at the deepest depth measured below it, at worst the full fine-tune's (then an upper bound: "
+                     "frozen units run no backward)")
     return "\n".join(lines)
 
 
