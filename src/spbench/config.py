@@ -74,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 0,
         "precision": "auto",
         "channels_last": "auto",
+        "compile": False,
         "clip_grad_norm": None,
     },
     "cluster": {
@@ -464,6 +465,10 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
                 raise ConfigError(f"config key 'grid.methods.{name}.{key}': duplicate values {values}")
         if cls.needs.fisher and "fisher" not in config:
             raise ConfigError(f"config key 'fisher': required by method {name!r}")
+        if cls.needs.taps and config["finetune"]["compile"]:
+            raise ConfigError(f"config key 'finetune.compile': method {name!r} records the backbone's feature maps "
+                              "by forward hooks added at each step, which a compiled backbone may not run "
+                              "(set compile: false, or leave the method out)")
     for target, methods in config.get("published", {}).get("values", {}).items():
         if target not in grid["targets"]:
             raise ConfigError(f"config key 'published.values.{target}': not a target of grid.targets")

@@ -31,6 +31,7 @@ __all__ = [
     "freeze_depth_count",
     "split_parameters",
     "apply_freeze",
+    "compile_backbone",
 ]
 
 
@@ -362,6 +363,16 @@ def apply_freeze(model: Classifier, depth: int) -> list[str]:
             p.requires_grad_(False)
             frozen_ids.add(id(p))
     return [n for n, p in model.named_parameters() if id(p) in frozen_ids]
+
+
+def compile_backbone(model: Classifier) -> Classifier:
+    """``finetune.compile``: the backbone compiled in place by ``torch.compile`` (its default
+    inductor back end, through :meth:`torch.nn.Module.compile`, so the parameters and the state
+    dict's keys stay as they are). Its first calls compile it (per input shape and mode, train
+    and eval), later ones run the compiled code. Forward hooks added after its first call may not
+    run (the config refuses methods that record feature maps). Returns ``model``."""
+    model.backbone.compile()
+    return model
 
 
 def split_parameters(model: Classifier, scope: str = "all") -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:

@@ -28,7 +28,7 @@ from .datasets import RAW_INPUTS, convert_weights
 from .download import input_path
 from .integrity import DamagedArtifactError, load_sealed, save_sealed
 from .fisher import estimate_fisher, load_fisher, normalize_fisher, save_fisher
-from .models import apply_freeze, build_model, split_parameters
+from .models import apply_freeze, build_model, compile_backbone, split_parameters
 from .methods import MethodContext, make_method, method_class
 from .progress import setup_logging
 from .results import aggregate_records, write_json_atomic, write_record
@@ -335,7 +335,10 @@ def finetune_run(
     context = MethodContext(model, inherited, head, source_model=src_model, fisher=fisher,
                             nonsmooth=ft["nonsmooth"], epsilon=ft["epsilon"])
     method = make_method(spec.method, context, **spec.hparams).to(dev)
-    log.info("run %s (seed %d): %s; %d frozen tensors", spec.key, spec.seed, method.describe(), len(frozen))
+    if ft["compile"]:  # after the method's copies of the model (a teacher is the source's, uncompiled)
+        compile_backbone(model)
+    log.info("run %s (seed %d): %s; %d frozen tensors%s", spec.key, spec.seed, method.describe(), len(frozen),
+             "; backbone compiled" if ft["compile"] else "")
 
     x, y, x_eval, y_eval = evaluation_split(config, spec, target_x, target_y)
     x, y = x.to(dev), y.to(dev)

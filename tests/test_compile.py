@@ -1,0 +1,95 @@
+"""``finetune.compile``: the backbone compiled by ``torch.compile`` (inductor, on the CPU here)
+trains as the eager one does, for every method the config accepts with it, and a fine-tune
+job runs with it; methods that record feature maps by forward hooks are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from spbench.config import ConfigError, RunSpec, validate_config
+from spbench.methods import METHODS, MethodContext, make_method
+from spbench.models import build_model, compile_backbone, split_parameters
+from spbench.train import sgd, training_step
+
+REPO = Path(__file__).resolve().parents[1]
+COMPILABLE = [name for name in sorted(METHODS) if not METHODS[name].needs.taps]
+CASES = [(name, "smooth") for name in COMPILABLE] + [(name, "prox") for name in ("l1_sp", "gl_sp", "gl_sp_fisher")]
+
+
+def train(name: str, nonsmooth: str, compiled: bool, steps: int = 3):
+    """``steps`` training steps of ``name`` on the demo network from a fixed start: the losses,
+    the parameters before and after them, and the model."""
+    torch.manual_seed(0)
+    source = build_model("demo_resnet", 5, 1).eval()
+    model = build_model("demo_resnet", 3, 1)
+    model.backbone.load_state_dict(source.backbone.state_dict())
+    inherited, head = split_parameters(model)
+    fisher = {n: torch.rand(p.shape) + 0.5 for n, p in inherited.items()} if METHODS[name].needs.fisher else None
+    context = MethodContext(model, inherited, head, source_model=source, fisher=fisher, epsilon=0.05, nonsmooth=nonsmooth)
+    method = make_method(name, context)
+    if compiled:
+        compile_backbone(model)
+    optimizer = sgd([p for p in model.parameters() if p.requires_grad] + list(method.parameters()), lr=0.05,
+                    momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 16, 16, generator=gen), torch.arange(8) % 3
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = [float(training_step(model, method, x, y, optimizer, lr=0.05)) for _ in range(steps)]
+    return losses, start, {n: p.detach().clone() for n, p in model.named_parameters()}, model
+
+
+@pytest.mark.parametrize("name,nonsmooth", CASES)
+def test_a_compiled_backbone_trains_as_the_eager_one(name, nonsmooth):
+    eager_losses, start, eager, _ = train(name, nonsmooth, compiled=False)
+    losses, _, params, model = train(name, nonsmooth, compiled=True)
+    assert model.backbone._compiled_call_impl is not None  # the compiled forward is the one called
+    assert set(model.state_dict()) == set(build_model("demo_resnet", 3, 1).state_dict())  # keys unchanged
+    # the same steps, to float32 rounding (inductor fuses and reorders: not bit for bit)
+    assert losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
+    moved = max(float((eager[n] - w).abs().max()) for n, w in start.items() if n.startswith("backbone."))
+    assert moved > 1e-3  # the steps moved the backbone by far more than the tolerance below
+    for n in eager:
+        torch.testing.assert_close(params[n], eager[n], rtol=1e-3, atol=1e-4)
+
+
+def test_the_config_refuses_compile_with_a_method_that_records_feature_maps():
+    raw = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    raw["finetune"]["compile"] = True
+    validate_config(raw)  # tiny.yaml's methods record none
+    taps = sorted(name for name in METHODS if METHODS[name].needs.taps)
+    assert taps  # DELTA
+    raw["grid"]["methods"][taps[0]] = {}
+    with pytest.raises(ConfigError, match=f"finetune.compile.*{taps[0]}.*forward hooks"):
+        validate_config(raw)
+    raw["finetune"]["compile"] = "yes"
+    with pytest.raises(ConfigError, match="finetune.compile"):
+        validate_config(raw)
+
+
+def test_a_fine_tune_job_runs_with_a_compiled_backbone(tmp_path, caplog):
+    """finetune_run with compile: true trains, evaluates (the eval mode compiles again) and
+    writes its record; the run is another run than the eager one (its config differs) and
+    ends with the eager run's accuracy to rounding."""
+    from spbench import pipeline
+    from test_protocol import prepare_tiny
+
+    raw = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    raw["finetune"].update(steps=3, batch_size=8)
+    eager_config = validate_config(raw)
+    raw["finetune"]["compile"] = True
+    config = validate_config(raw)
+    src = prepare_tiny(config, tmp_path)
+    spec = RunSpec("digits-src", "digits-mod3-k5", "l2_sp", {"alpha": 0.1, "beta": 0.01, "lr": 0.01}, 1, 0)
+    paths = dict(source_model=src / "model.pt", source_info=src / "info.json",
+                 target_dir=tmp_path / "data" / "digits-mod3-k5", source_dir=tmp_path / "data" / "digits-src")
+    caplog.set_level("INFO", logger="spbench")
+    record, _ = pipeline.finetune_run(config, spec, record_out=tmp_path / "compiled.json", **paths)
+    assert "backbone compiled" in caplog.text
+    eager, _ = pipeline.finetune_run(eager_config, spec, record_out=tmp_path / "eager.json", **paths)
+    assert pipeline.run_config(config, spec) != pipeline.run_config(eager_config, spec)
+    assert record["steps"] == eager["steps"] == 3
+    assert record["test_accuracy"] == pytest.approx(eager["test_accuracy"], abs=1.5 / record["n_test"])
