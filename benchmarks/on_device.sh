@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's GPU measurements in one run, for a machine with a CUDA device (about 5-10
-# minutes on an H200 class GPU; each step is stopped after LIMIT seconds, default 240):
+# minutes on an H200 class GPU, and step 4's compilation; each step is stopped after LIMIT
+# seconds, default 240):
 #
 #   1. benchmarks/cuda_check.py: CUDA correctness (penalties, proximal maps, Fisher, training,
 #      no host sync per step, every method against the CPU);
@@ -9,9 +10,11 @@
 #      and ResNet-50 (the paper's grid trains both), then ResNet-101 in bf16 with 8, 16, 24 and
 #      31 of its 34 units frozen (Fig. 3's runs, which make plan prices at the deepest measured
 #      depth up to theirs: depths 1 and 4 at the full fine-tune's rate, 12 at 8's, ...);
-#   3. benchmarks/penalty_overhead.py: every penalty's share of that step (bf16 autocast).
-# Nine files, named after the GPU. The grid's device-hours then come from step 2's JSON files,
-# on any machine with the project's environment:
+#   3. benchmarks/penalty_overhead.py: every penalty's share of that step (bf16 autocast);
+#   4. last (its compilation may take minutes): ResNet-101 in bf16 with its backbone compiled
+#      (--compile, as finetune.compile), to set against step 2's eager bf16 row.
+# Eleven files, named after the GPU. The grid's device-hours then come from step 2's JSON files,
+# on any machine with the project's environment (step 4's price a config with finetune.compile):
 #   python -m spbench.plan config/paper.yaml [config/halving.yaml] --throughput OUTDIR/<device>-throughput_resnet101.json \
 #       --throughput OUTDIR/<device>-throughput_resnet50.json --throughput OUTDIR/<device>-throughput_resnet101_frozen.json
 #
@@ -56,4 +59,6 @@ step throughput_resnet101_frozen "$py" benchmarks/train_throughput.py --device c
     --batch 64 --precisions bf16 --freeze 8,16,24,31 --json-file "$out/$slug-throughput_resnet101_frozen.json"
 step penalty_overhead "$py" benchmarks/penalty_overhead.py --device cuda --arch resnet101 --dtype bfloat16 \
     --batch 64 --steps 5 --repeats 3
+step throughput_resnet101_compiled "$py" benchmarks/train_throughput.py --device cuda --arch resnet101 --image 224 \
+    --batch 64 --precisions bf16 --compile --json-file "$out/$slug-throughput_resnet101_compiled.json"
 exit "$worst"

@@ -21,6 +21,11 @@ model whose first units are frozen as a fine-tune of that depth freezes them
 faster than a full fine-tune since frozen units run no backward. `make plan` prices the runs
 of each depth at the rate measured at that depth (or at the deepest measured depth below it).
 
+With --compile the model's backbone is compiled by torch.compile, as finetune.compile does
+(spbench.models.compile_backbone), for both variants; the warm-up steps (at least 2) take the
+compilation, which is not timed. `make plan` prices a config at the rates measured with its
+own finetune.compile.
+
 The cache is a synthetic prepared task written to a temporary folder in the on-disk layout of
 spbench.data (images.npy uint8 [N, H, W, C], split.parquet, meta.json), stored at --stored
 pixels (default 8/7 of the crop: 256 for a 224 crop) so the random crop has room to move, and
@@ -53,7 +58,7 @@ import torch.nn.functional as F
 from spbench.augment import load_task_views
 from spbench.pipeline import device_name as describe_device
 from spbench.methods import MethodContext, make_method
-from spbench.models import apply_freeze, build_model, freeze_depth_count, split_parameters
+from spbench.models import apply_freeze, build_model, compile_backbone, freeze_depth_count, split_parameters
 from spbench.train import resolve_precision, set_train_mode, sgd, train_steps
 
 ARCHS = ("demo_resnet", "resnet18", "resnet50", "resnet101")
@@ -78,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (fp16: CUDA only)")
     ap.add_argument("--freeze", default="0",
                     help="comma-separated freeze depths, each measured on its own (default 0: a full fine-tune)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the backbone, as finetune.compile (compiled in the warm-up steps)")
     ap.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
                     help="model memory format, as finetune.channels_last (auto: on CUDA only)")
     ap.add_argument("--quick", action="store_true", help="demo network, few steps, two repeats: seconds")
@@ -98,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or 5
     args.repeats = args.repeats or 5
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if args.compile:
+        args.warmup = max(args.warmup, 2)  # the first calls compile (and, in train mode, recompile once)
     if min(args.image, args.batch, args.images, args.steps, args.repeats, args.classes) < 1 or args.warmup < 0:
         ap.error("--image, --batch, --images, --steps, --repeats, --classes must be >= 1, --warmup >= 0")
     if args.stored < args.image:
@@ -158,6 +167,8 @@ def main(argv=None) -> int:
         apply_freeze(model, depth)
         inherited, head = split_parameters(model)
         method = make_method("l2_sp", MethodContext(model, inherited, head), alpha=ALPHA, beta=BETA).to(dev)
+        if args.compile:
+            compile_backbone(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         return {"model": model, "method": method, "trainable": sum(p.numel() for p in trainable),
                 "opt": sgd(trainable, lr=args.lr, momentum=0.9)}  # spbench's kernel choice (fused on CUDA)
@@ -238,7 +249,7 @@ def main(argv=None) -> int:
         "device": str(dev), "device_name": device_name, "torch": torch.__version__, "arch": args.arch,
         "image_size": args.image, "stored_size": args.stored, "channels": channels, "batch": args.batch,
         "train_images": args.images, "classes": args.classes, "steps": args.steps, "repeats": args.repeats,
-        "warmup": args.warmup, "threads": args.threads, "channels_last": channels_last, "freeze": args.freeze,
+        "warmup": args.warmup, "threads": args.threads, "channels_last": channels_last, "freeze": args.freeze, "compile": args.compile,
         "method": "l2_sp", "alpha": ALPHA, "beta": BETA, "lr": args.lr, "rows": rows,
     }
     if args.json_file:
@@ -247,7 +258,7 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"# {args.arch}, crop {args.image}px from {args.stored}px uint8 cache ({channels} channel"
-          f"{'s' if channels != 1 else ''}), batch {args.batch}; {device_name}, torch {torch.__version__}; "
+          f"{'s' if channels != 1 else ''}), batch {args.batch}{', compiled' if args.compile else ''}; {device_name}, torch {torch.__version__}; "
           f"{args.repeats} repeats x {args.steps} steps, interleaved")
     frozen = args.freeze != [0]
     print(("| freeze | " if frozen else "| ") + "precision | spbench (images/s) | bare (images/s) | spbench / bare | range over repeats |")

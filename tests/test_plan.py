@@ -228,3 +228,28 @@ def test_a_cpu_benchmark_and_the_records_of_that_cpu_are_one_device(tmp_path):
     frozen = by[(one, "fp32")]["frozen_rates"]["demo_resnet/freeze2"]
     assert frozen["images_per_second"] == row[2]["spbench_images_per_s"] and frozen["from"].startswith("benchmark")
     assert by[(two, "fp32")]["frozen_rates"] == {}  # only records of depth 0 there
+
+
+def test_a_config_is_priced_at_the_rates_of_its_own_compile_setting(tmp_path):
+    """finetune.compile changes the speed: benchmarks (their ``compile``) and records (their
+    resolved config) measured with the other setting do not price a config; the command says
+    which --throughput file it leaves out."""
+    config = load_config(REPO / "config" / "tiny.yaml")
+    eager = {"device": "cpu: t", "arch": "demo_resnet", "precision": "fp32", "images_per_second": 100.0,
+             "config_json": json.dumps({"finetune": {"compile": False}})}
+    compiled = dict(eager, images_per_second=300.0, config_json=json.dumps({"finetune": {"compile": True}}))
+    bench_compiled = dict(bench("GPU X", "demo_resnet", bf16=900.0), compile=True)
+    bench_eager = bench("GPU X", "demo_resnet", bf16=500.0)  # an output of before --compile: eager
+
+    def rates(cfg):
+        return {(e["device"], e["precision"]): e["rates"]["demo_resnet"]["images_per_second"]
+                for e in plan(cfg, [eager, compiled], [bench_compiled, bench_eager])["estimates"]}
+
+    assert rates(config) == {("cpu: t", "fp32"): 100.0, ("GPU X", "bf16"): 500.0}
+    config["finetune"]["compile"] = True
+    assert rates(config) == {("cpu: t", "fp32"): 300.0, ("GPU X", "bf16"): 900.0}
+    (tmp_path / "bench.json").write_text(json.dumps(bench_compiled))
+    out = subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config" / "tiny.yaml"), "--throughput",
+                          "bench.json"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "bench.json was measured with --compile, the config has finetune.compile: false: not used" in out.stderr
+    assert "no measured throughput" in out.stdout

@@ -48,3 +48,17 @@ def test_train_throughput_quick(capsys):
         for variant in ("spbench", "bare"):
             assert len(row["per_repeat"][variant]) == res["repeats"]
             assert all(_positive(v) for v in row["per_repeat"][variant])
+
+
+def test_train_throughput_compiled(capsys):
+    """--compile: the backbone compiled for both variants, the compilation in the (at least 2)
+    warm-up steps; the output says so."""
+    spec = importlib.util.spec_from_file_location("_bench_train_throughput_compiled", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    assert module.main(["--quick", "--json", "--threads", "1", "--precisions", "fp32", "--compile", "--warmup", "0"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["compile"] is True and res["warmup"] == 2
+    (row,) = res["rows"]
+    assert _positive(row["spbench_images_per_s"]) and _positive(row["bare_images_per_s"])

@@ -19,6 +19,9 @@ the rate of the deepest depth below it that was measured (the full fine-tune's, 
 none was): freezing more units only removes work, so its time is then an upper bound. Rates
 measured with frozen units never enter the full fine-tune's rate.
 
+Only the rates measured with the config's own ``finetune.compile`` price it (a benchmark's
+``compile``, a record's resolved config).
+
 With ``selection.halving`` the selection's rungs are counted exactly (how many candidates each
 rung trains does not depend on which survive).
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -41,9 +45,11 @@ __all__ = ["plan", "format_plan", "throughput_table", "main", "PARTS"]
 PARTS = {"selection": ("select",), "main": ("main",), "figures": ("alpha_beta", "freeze")}
 
 
-def throughput_table(benchmarks: Iterable[Mapping[str, Any]] = (), records: Iterable[Mapping[str, Any]] = ()) -> dict:
+def throughput_table(benchmarks: Iterable[Mapping[str, Any]] = (), records: Iterable[Mapping[str, Any]] = (),
+                     compiled: bool = False) -> dict:
     """Measured training images per second, as ``{(device, arch, precision, freeze): (images/s,
-    n, where)}``.
+    n, where)}``, of the measurements made with a compiled backbone or without (``compiled``:
+    ``finetune.compile``).
 
     ``benchmarks``: outputs of ``benchmarks/train_throughput.py --json`` (each row's
     ``spbench_images_per_s``: the real step with its input pipeline, at the row's ``freeze``
@@ -53,16 +59,28 @@ def throughput_table(benchmarks: Iterable[Mapping[str, Any]] = (), records: Iter
     table: dict[tuple[str, str, str, int], tuple[float, int, str]] = {}
     grouped: dict[tuple[str, str, str, int], list[float]] = defaultdict(list)
     for r in records:
+        if _compiled(r) != compiled:
+            continue
         if r.get("images_per_second") and r.get("device") and r.get("arch"):
             key = (r["device"], r["arch"], r.get("precision") or "fp32", int(r.get("freeze") or 0))
             grouped[key].append(float(r["images_per_second"]))
     for key, values in grouped.items():
         table[key] = (statistics.median(values), len(values), "recorded runs")
     for bench in benchmarks:
+        if bool(bench.get("compile", False)) != compiled:
+            continue
         for row in bench["rows"]:
             key = (bench["device_name"], bench["arch"], row["precision"], int(row.get("freeze", 0)))
             table[key] = (float(row["spbench_images_per_s"]), 1, f"benchmark ({bench['image_size']} px, batch {bench['batch']})")
     return table
+
+
+def _compiled(record: Mapping[str, Any]) -> bool:
+    """Whether a run record's fine-tune compiled its backbone (its resolved config says)."""
+    try:
+        return bool(json.loads(record.get("config_json") or "{}").get("finetune", {}).get("compile", False))
+    except (TypeError, ValueError):
+        return False
 
 
 def _by_arch(by_depth: Mapping[tuple[str, int], int]) -> dict[str, int]:
@@ -99,7 +117,7 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
         part["runs"] += 1
         part["images"] += images
         part["by_depth"][(config["sources"][spec.source]["arch"], spec.freeze)] += images
-    table = throughput_table(benchmarks or [], measured or [])
+    table = throughput_table(benchmarks or [], measured or [], compiled=bool(ft.get("compile", False)))
     estimates = []
     for device, prec in sorted({(d, p) for d, _, p, _ in table}):
         if precision not in ("auto", prec):
@@ -200,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--throughput {path}: {err}")
         if not {"device_name", "arch", "rows"} <= set(benchmarks[-1]):
             parser.error(f"--throughput {path}: not a benchmarks/train_throughput.py --json output")
+        measured_compiled, wanted = bool(benchmarks[-1].get("compile", False)), bool(config["finetune"]["compile"])
+        if measured_compiled != wanted:
+            print(f"spbench.plan: --throughput {path} was measured {'with' if measured_compiled else 'without'} "
+                  f"--compile, the config has finetune.compile: {str(wanted).lower()}: not used", file=sys.stderr)
     p = plan(config, records, benchmarks)
     print(json.dumps(p, indent=2, default=str) if args.json else format_plan(p))
     return 0
