@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training throughput: spbench's real fine-tuning loop against a bare loop on the same model.
 
-Both variants train the same network (one model per freeze depth, in train mode) on the same device, under the
-same precision, measured side by side in one process:
+Both variants train the same network (one model per freeze depth, in train mode) on the same
+device, under the same precision, measured side by side in one process:
 
   spbench  spbench.train.train_steps, the loop a fine-tuning job runs: the seeded batch order
            (batch_indices), the training batch read from the uint8 cache by the CachedImages
@@ -32,12 +32,13 @@ pixels (default 8/7 of the crop: 256 for a 224 crop) so the random crop has room
 read through spbench.augment.load_task_views as a job reads it.
 
 For every precision (--precisions, default fp32,bf16) each variant is warmed up, then timed
-interleaved: in every repeat each (precision, variant) runs --steps steps, in a rotating
+interleaved: in every repeat each (depth, precision, variant) runs --steps steps, in a rotating
 order, so drift and background load hit them alike; on CUDA the device is synchronised around
-every timed region. Reported, per freeze depth and precision: images/s of each (median over repeats) and their
-ratio spbench / bare (with the range of the per-repeat paired ratios).
+every timed region. Reported, per freeze depth and precision: images/s of each (median over
+repeats) and their ratio spbench / bare (with the range of the per-repeat paired ratios).
 
-Usage:  python benchmarks/train_throughput.py [--quick] [--json] [--arch resnet50] [--device cuda] [--freeze 0,8,16] ...
+Usage:  python benchmarks/train_throughput.py [--quick] [--json] [--arch resnet50] [--device cuda]
+                                             [--freeze 0,8,16] [--compile] ...
 """
 
 from __future__ import annotations
@@ -249,7 +250,8 @@ def main(argv=None) -> int:
         "device": str(dev), "device_name": device_name, "torch": torch.__version__, "arch": args.arch,
         "image_size": args.image, "stored_size": args.stored, "channels": channels, "batch": args.batch,
         "train_images": args.images, "classes": args.classes, "steps": args.steps, "repeats": args.repeats,
-        "warmup": args.warmup, "threads": args.threads, "channels_last": channels_last, "freeze": args.freeze, "compile": args.compile,
+        "warmup": args.warmup, "threads": args.threads, "channels_last": channels_last, "freeze": args.freeze,
+        "compile": args.compile,
         "method": "l2_sp", "alpha": ALPHA, "beta": BETA, "lr": args.lr, "rows": rows,
     }
     if args.json_file:
@@ -258,15 +260,20 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"# {args.arch}, crop {args.image}px from {args.stored}px uint8 cache ({channels} channel"
-          f"{'s' if channels != 1 else ''}), batch {args.batch}{', compiled' if args.compile else ''}; {device_name}, torch {torch.__version__}; "
-          f"{args.repeats} repeats x {args.steps} steps, interleaved")
-    frozen = args.freeze != [0]
-    print(("| freeze | " if frozen else "| ") + "precision | spbench (images/s) | bare (images/s) | spbench / bare | range over repeats |")
-    print(("|---:|" if frozen else "|") + "---|---:|---:|---:|---:|")
-    for row in rows:
-        lo, hi = row["ratio_range"]
-        print((f"| {row['freeze']} | " if frozen else "| ") + f"{row['precision']} | {row['spbench_images_per_s']:.4g} | "
-              f"{row['bare_images_per_s']:.4g} | {row['ratio']:.2f} | [{lo:.2f}, {hi:.2f}] |")
+          f"{'s' if channels != 1 else ''}), batch {args.batch}{', compiled' if args.compile else ''}; {device_name}, "
+          f"torch {torch.__version__}; {args.repeats} repeats x {args.steps} steps, interleaved")
+    table = pd.DataFrame({
+        "freeze": [str(row["freeze"]) for row in rows],
+        "precision": [row["precision"] for row in rows],
+        "spbench (images/s)": [f"{row['spbench_images_per_s']:.4g}" for row in rows],
+        "bare (images/s)": [f"{row['bare_images_per_s']:.4g}" for row in rows],
+        "spbench / bare": [f"{row['ratio']:.2f}" for row in rows],
+        "range over repeats": ["[{:.2f}, {:.2f}]".format(*row["ratio_range"]) for row in rows],
+    })
+    if args.freeze == [0]:  # a full fine-tune only: the table as before the option
+        table = table.drop(columns="freeze")
+    colalign = ["right" if c == "freeze" or "/" in c or c.startswith("range") else "left" for c in table.columns]
+    print(table.to_markdown(index=False, colalign=colalign, disable_numparse=True))
     return 0
 
 
