@@ -248,6 +248,7 @@ def test_a_config_is_priced_at_the_rates_of_its_own_compile_setting(tmp_path):
     assert rates(config) == {("cpu: t", "fp32"): 100.0, ("GPU X", "bf16"): 500.0}
     config["finetune"]["compile"] = True
     assert rates(config) == {("cpu: t", "fp32"): 300.0, ("GPU X", "bf16"): 900.0}
+    assert "of compiled backbones (finetune.compile)" in format_plan(plan(config, [compiled]))
     (tmp_path / "bench.json").write_text(json.dumps(bench_compiled))
     out = subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config" / "tiny.yaml"), "--throughput",
                           "bench.json"], cwd=tmp_path, capture_output=True, text=True, check=True)

@@ -155,6 +155,7 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
         "requested_gpu_hours": len(runs) * gpus * cluster["runtime"] / 60,
         "estimates": estimates,
         "unit": "GPU-hours" if cluster["gpus"] else "device-hours",  # CPU-only jobs: one device each
+        "compile": bool(ft.get("compile", False)),  # priced at the rates of compiled backbones only
     }
     return out
 
@@ -175,7 +176,9 @@ def format_plan(p: Mapping[str, Any]) -> str:
         lines.append("estimated: no measured throughput (pass --throughput with a benchmarks/train_throughput.py "
                      "--json output, or run a few fine-tunes first)")
         return "\n".join(lines)
-    lines.append(f"estimated {p['unit']} (training images / measured images per second; evaluation not counted):")
+    lines.append(f"estimated {p['unit']} (training images / measured images per second"
+                 + (", of compiled backbones (finetune.compile)" if p.get("compile") else "")
+                 + "; evaluation not counted):")
     header = f"  {'device':40s} {'precision':9s} " + " ".join(f"{n:>10s}" for n in p["parts"]) + f" {'total':>10s}"
     lines.append(header)
     for e in p["estimates"]:
