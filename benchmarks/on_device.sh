@@ -15,8 +15,8 @@
 #      (--compile, as finetune.compile), to set against step 2's eager bf16 row.
 # Eleven files, named after the GPU. The grid's device-hours then come from step 2's JSON files,
 # on any machine with the project's environment (step 4's price a config with finetune.compile):
-#   python -m spbench.plan config/paper.yaml [config/halving.yaml] --throughput OUTDIR/<device>-throughput_resnet101.json \
-#       --throughput OUTDIR/<device>-throughput_resnet50.json --throughput OUTDIR/<device>-throughput_resnet101_frozen.json
+#   python -m spbench.plan config/paper.yaml [config/halving.yaml] --throughput OUTDIR/*-throughput_*.json
+# (the compiled run's file is left out, with a note, unless the config sets finetune.compile)
 #
 # Usage (from the checkout root):  bash benchmarks/on_device.sh OUTDIR
 # PYTHON picks the interpreter (default: .venv/bin/python if there, else python3); the

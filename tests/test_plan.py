@@ -140,6 +140,15 @@ def test_plan_command_reads_overlays_and_throughput(tmp_path):
                            "--throughput", "bench.json"], cwd=tmp_path, capture_output=True, text=True, check=True,
                           env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
     assert "successive halving: eta 2, 2 rungs" in proc.stdout
+    # several files after one --throughput (a shell glob of on_device.sh's outputs)
+    (tmp_path / "bench2.json").write_text(json.dumps(bench("GPU Y", "demo_resnet", fp32=500.0)))
+    both = subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config" / "tiny.yaml"), "--throughput",
+                           "bench.json", "bench2.json"], cwd=tmp_path, capture_output=True, text=True, check=True,
+                          env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
+    assert "GPU X" in both.stdout and "GPU Y" in both.stdout
+    late = subprocess.run([sys.executable, "-m", "spbench.plan", "--throughput", "bench.json", "halving.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
+    assert late.returncode == 2 and "name the configs before --throughput" in late.stderr
     assert re.search(r"^  GPU X +fp32 ", proc.stdout, re.M) and "1,000.0 images/s from benchmark" in proc.stdout
     (tmp_path / "bad.json").write_text("{}")
     bad = subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config" / "tiny.yaml"), "--throughput",

@@ -207,10 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, nargs="*",
                         help="the config, default config.yaml (several: merged in order, as snakemake "
                              "--configfile merges them)")
-    parser.add_argument("--throughput", type=Path, action="append", default=[],
-                        help="a benchmarks/train_throughput.py --json output (repeatable)")
+    parser.add_argument("--throughput", type=Path, action="extend", nargs="+", default=[], metavar="FILE",
+                        help="benchmarks/train_throughput.py --json outputs (one or more, e.g. the "
+                             "OUTDIR/*-throughput_*.json of benchmarks/on_device.sh; repeatable)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
+    for path in args.throughput:
+        if path.suffix in (".yaml", ".yml"):
+            parser.error(f"--throughput {path}: a config file; name the configs before --throughput")
     config = load_config(*(args.config or [Path("config.yaml")]))
     records = [read_record(p) for p in Path(config["results"], "runs").rglob("record.json")]
     benchmarks = []
