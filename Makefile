@@ -30,11 +30,13 @@ lint: $(STAMP)
 
 # Job count and device-hours of a grid, before launching it: make plan CONFIG=my.yaml, or with
 # overlays and measured throughput: make plan CONFIG="config/paper.yaml config/halving.yaml"
-# THROUGHPUT=bench.json (a benchmarks/train_throughput.py --json output; several allowed)
+# THROUGHPUT=bench.json (a benchmarks/train_throughput.py --json output; several allowed);
+# BUDGET=50: also the images/s a job must average to fit in 50 device-hours
 CONFIG ?= config.yaml
 THROUGHPUT ?=
+BUDGET ?=
 plan: $(STAMP)
-	$(BIN)/python -m spbench.plan $(CONFIG) $(addprefix --throughput ,$(THROUGHPUT))
+	$(BIN)/python -m spbench.plan $(CONFIG) $(addprefix --throughput ,$(THROUGHPUT)) $(addprefix --budget ,$(BUDGET))
 
 # The shared MLflow server (SQLite store, artifacts under mlflow-server/), on 127.0.0.1:5000;
 # e.g. make tracking-server SERVE_ARGS="--host 0.0.0.0 --basic-auth --store postgresql://..."

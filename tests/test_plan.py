@@ -263,3 +263,21 @@ def test_a_config_is_priced_at_the_rates_of_its_own_compile_setting(tmp_path):
                           "bench.json"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "bench.json was measured with --compile, the config has finetune.compile: false: not used" in out.stderr
     assert "no measured throughput" in out.stdout
+
+
+def test_a_budget_gives_the_rate_a_job_must_average(tmp_path):
+    """--budget H: the grid's training images over H device-hours (per device of a job)."""
+    config = load_config(REPO / "config" / "tiny.yaml")
+    p = plan(config, budget_hours=2.0)
+    images = sum(part["images"] for part in p["parts"].values())
+    assert images == 18 * 10 * 32 and p["budget"] == {"hours": 2.0, "images": images,
+                                                      "images_per_second": pytest.approx(images / 7200)}
+    config["cluster"]["gpus"] = 4  # a job holds 4 devices: it must go 4 times as fast
+    assert plan(config, budget_hours=2.0)["budget"]["images_per_second"] == pytest.approx(4 * images / 7200)
+    assert "budget" not in plan(config)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "spbench.plan", str(REPO / "config" / "tiny.yaml"), *a],
+                                    cwd=tmp_path, capture_output=True, text=True)
+    out = run("--budget", "0.5")
+    assert out.returncode == 0 and "budget: 0.5 device-hours need 3 training images/s per job on average" in out.stdout
+    for bad in ("0", "-1", "inf", "nan"):
+        assert run("--budget", bad).returncode == 2, bad

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -96,10 +97,12 @@ def _part(spec: RunSpec) -> str:
 
 
 def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = None,
-         benchmarks: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+         benchmarks: list[Mapping[str, Any]] | None = None, budget_hours: float | None = None) -> dict[str, Any]:
     """Job counts of the validated ``config``, its fine-tunes per part with their training
     images, and their device-hours: requested, and estimated per device from ``benchmarks``
-    (train_throughput.py outputs) and ``measured`` (records of earlier runs)."""
+    (train_throughput.py outputs) and ``measured`` (records of earlier runs). With
+    ``budget_hours``, also the training images per second a job must average for the grid to
+    fit in that many device-hours (every image at the same cost: frozen units not discounted)."""
     # Before selection has run its outcome is unknown, but not the number of runs it leads to:
     # count with the first candidate of each tuned method (and the first survivors of each rung).
     survivors = first_survivors(config) if halving_budgets(config) else None
@@ -157,6 +160,10 @@ def plan(config: Mapping[str, Any], measured: list[Mapping[str, Any]] | None = N
         "unit": "GPU-hours" if cluster["gpus"] else "device-hours",  # CPU-only jobs: one device each
         "compile": bool(ft.get("compile", False)),  # priced at the rates of compiled backbones only
     }
+    if budget_hours is not None:
+        total = sum(p["images"] for p in parts.values())
+        out["budget"] = {"hours": budget_hours, "images": total,
+                         "images_per_second": total * gpus / (budget_hours * 3600)}
     return out
 
 
@@ -172,6 +179,10 @@ def format_plan(p: Mapping[str, Any]) -> str:
     for name, part in p["parts"].items():
         lines.append(f"  {name:10s} {part['runs']:6d} runs  {part['images']:>15,d} training images")
     lines.append(f"requested: {p['requested_gpu_hours']:.2f} {p['unit']} (cluster.runtime per job, an upper bound)")
+    if p.get("budget"):
+        b = p["budget"]
+        lines.append(f"budget: {b['hours']:g} {p['unit']} need {b['images_per_second']:,.0f} training images/s "
+                     f"per job on average ({b['images']:,d} images; evaluation not counted)")
     if not p["estimates"]:
         lines.append("estimated: no measured throughput (pass --throughput with a benchmarks/train_throughput.py "
                      "--json output, or run a few fine-tunes first)")
@@ -210,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", type=Path, action="extend", nargs="+", default=[], metavar="FILE",
                         help="benchmarks/train_throughput.py --json outputs (one or more, e.g. the "
                              "OUTDIR/*-throughput_*.json of benchmarks/on_device.sh; repeatable)")
+    parser.add_argument("--budget", type=float, metavar="HOURS",
+                        help="also print the training images/s a job must average to fit in HOURS device-hours")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
     for path in args.throughput:
@@ -229,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         if measured_compiled != wanted:
             print(f"spbench.plan: --throughput {path} was measured {'with' if measured_compiled else 'without'} "
                   f"--compile, the config has finetune.compile: {str(wanted).lower()}: not used", file=sys.stderr)
-    p = plan(config, records, benchmarks)
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        parser.error(f"--budget: a positive number of hours, not {args.budget:g}")
+    p = plan(config, records, benchmarks, budget_hours=args.budget)
     print(json.dumps(p, indent=2, default=str) if args.json else format_plan(p))
     return 0
 
