@@ -77,6 +77,21 @@ def test_a_compiled_backbone_trains_under_bf16_autocast():
     assert compiled == pytest.approx(eager, abs=2e-2)
 
 
+def test_a_compiled_backbone_computes_with_the_weights_loaded_into_it():
+    """A resumed run and WiSE-FT's interpolated variants load weights into the compiled model:
+    its compiled code reads them (they are not baked in at compilation)."""
+    model = compile_backbone(build_model("demo_resnet", 3, 1).eval())
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+        state = {k: v * 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        eager = build_model("demo_resnet", 3, 1).eval()
+        eager.load_state_dict(state)
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(model(x), before, atol=1e-3)
+
+
 def test_the_config_refuses_compile_with_a_method_that_records_feature_maps():
     raw = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
     raw["finetune"]["compile"] = True
