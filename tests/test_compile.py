@@ -10,31 +10,22 @@ import pytest
 import torch
 import yaml
 
+from method_cases import method_cases, trainee
 from spbench.config import ConfigError, RunSpec, validate_config
 from spbench.methods import METHODS, MethodContext, make_method
 from spbench.models import build_model, compile_backbone, split_parameters
-from spbench.train import sgd, training_step
+from spbench.train import training_step
 
 REPO = Path(__file__).resolve().parents[1]
-COMPILABLE = [name for name in sorted(METHODS) if not METHODS[name].needs.taps]
-CASES = [(name, "smooth") for name in COMPILABLE] + [(name, "prox") for name in ("l1_sp", "gl_sp", "gl_sp_fisher")]
+CASES = method_cases(name for name in sorted(METHODS) if not METHODS[name].needs.taps)
 
 
 def train(name: str, nonsmooth: str, compiled: bool, steps: int = 3):
     """``steps`` training steps of ``name`` on the demo network from a fixed start: the losses,
     the parameters before and after them, and the model."""
-    torch.manual_seed(0)
-    source = build_model("demo_resnet", 5, 1).eval()
-    model = build_model("demo_resnet", 3, 1)
-    model.backbone.load_state_dict(source.backbone.state_dict())
-    inherited, head = split_parameters(model)
-    fisher = {n: torch.rand(p.shape) + 0.5 for n, p in inherited.items()} if METHODS[name].needs.fisher else None
-    context = MethodContext(model, inherited, head, source_model=source, fisher=fisher, epsilon=0.05, nonsmooth=nonsmooth)
-    method = make_method(name, context)
+    model, method, optimizer = trainee(name, nonsmooth)
     if compiled:
         compile_backbone(model)
-    optimizer = sgd([p for p in model.parameters() if p.requires_grad] + list(method.parameters()), lr=0.05,
-                    momentum=0.9)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 1, 16, 16, generator=gen), torch.arange(8) % 3
     start = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spbench.methods import METHODS, MethodContext, make_method
+from method_cases import method_cases, trainee
+from spbench.methods import MethodContext, make_method
 from spbench.models import build_model, split_parameters
 from spbench.train import sgd, training_step
 
@@ -20,25 +21,13 @@ META = torch.device("meta")
 #: gl_sp_fisher's proximal map solves each group's equation by a Newton iteration that stops
 #: when every group has converged: it reads that flag at each iteration (a handful per step).
 READS = {("gl_sp_fisher", "prox")}
-CASES = [(name, "smooth") for name in sorted(METHODS)] + [(name, "prox") for name in ("l1_sp", "gl_sp", "gl_sp_fisher")]
+CASES = method_cases()
 
 
 def steps_on_meta(name: str, nonsmooth: str, steps: int = 3) -> None:
     """``steps`` training steps of ``name`` on the demo network, everything on the meta device
     (set-up state at its initial value: a set-up pass is not a step)."""
-    torch.manual_seed(0)
-    source = build_model("demo_resnet", 5, 1).eval()
-    model = build_model("demo_resnet", 3, 1)
-    model.backbone.load_state_dict(source.backbone.state_dict())
-    source.to(META), model.to(META)  # before the method takes hold of the parameters
-    inherited, head = split_parameters(model)
-    fisher = ({n: torch.ones(p.shape, device=META) for n, p in inherited.items()}
-              if METHODS[name].needs.fisher else None)
-    context = MethodContext(model, inherited, head, source_model=source, fisher=fisher, epsilon=0.05,
-                            nonsmooth=nonsmooth)
-    method = make_method(name, context).to(META)
-    optimizer = sgd([p for p in model.parameters() if p.requires_grad] + list(method.parameters()), lr=0.01,
-                    momentum=0.9)
+    model, method, optimizer = trainee(name, nonsmooth, META)
     x, y = torch.empty(8, 1, 16, 16, device=META), torch.zeros(8, dtype=torch.long, device=META)
     for _ in range(steps):
         loss = training_step(model, method, x, y, optimizer, lr=0.01)
