@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     })
     if args.freeze == [0]:  # a full fine-tune only: the table as before the option
         table = table.drop(columns="freeze")
-    colalign = ["right" if c == "freeze" or "/" in c or c.startswith("range") else "left" for c in table.columns]
+    colalign = ["left" if c == "precision" else "right" for c in table.columns]  # the numbers to the right
     print(table.to_markdown(index=False, colalign=colalign, disable_numparse=True))
     return 0
 
