@@ -68,12 +68,18 @@ def throughput_table(benchmarks: Iterable[Mapping[str, Any]] = (), records: Iter
     for key, values in grouped.items():
         table[key] = (statistics.median(values), len(values), "recorded runs")
     for bench in benchmarks:
-        if bool(bench.get("compile", False)) != compiled:
+        if _bench_compiled(bench) != compiled:
             continue
         for row in bench["rows"]:
             key = (bench["device_name"], bench["arch"], row["precision"], int(row.get("freeze", 0)))
             table[key] = (float(row["spbench_images_per_s"]), 1, f"benchmark ({bench['image_size']} px, batch {bench['batch']})")
     return table
+
+
+def _bench_compiled(bench: Mapping[str, Any]) -> bool:
+    """Whether a train_throughput.py output was measured with --compile (outputs that predate
+    the option: no)."""
+    return bool(bench.get("compile", False))
 
 
 def _compiled(record: Mapping[str, Any]) -> bool:
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--throughput {path}: {err}")
         if not {"device_name", "arch", "rows"} <= set(benchmarks[-1]):
             parser.error(f"--throughput {path}: not a benchmarks/train_throughput.py --json output")
-        measured_compiled, wanted = bool(benchmarks[-1].get("compile", False)), bool(config["finetune"]["compile"])
+        measured_compiled, wanted = _bench_compiled(benchmarks[-1]), bool(config["finetune"]["compile"])
         if measured_compiled != wanted:
             print(f"spbench.plan: --throughput {path} was measured {'with' if measured_compiled else 'without'} "
                   f"--compile, the config has finetune.compile: {str(wanted).lower()}: not used", file=sys.stderr)
