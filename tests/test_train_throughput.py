@@ -16,10 +16,16 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_train_throughput_quick(capsys):
+def _script():
+    """benchmarks/train_throughput.py as a module (its main() runs in the test process)."""
     spec = importlib.util.spec_from_file_location("_bench_train_throughput", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_train_throughput_quick(capsys):
+    module = _script()
     capsys.readouterr()
     assert module.main(["--quick", "--json", "--threads", "1", "--freeze", "2,0"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -53,9 +59,7 @@ def test_train_throughput_quick(capsys):
 def test_train_throughput_compiled(capsys):
     """--compile: the backbone compiled for both variants, the compilation in the (at least 2)
     warm-up steps; the output says so."""
-    spec = importlib.util.spec_from_file_location("_bench_train_throughput_compiled", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script()
     capsys.readouterr()
     assert module.main(["--quick", "--json", "--threads", "1", "--precisions", "fp32", "--compile", "--warmup", "0"]) == 0
     res = json.loads(capsys.readouterr().out)
